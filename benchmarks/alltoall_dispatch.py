@@ -1,0 +1,132 @@
+"""Expert-parallel all-to-all: our dispatch + combine against raw all_to_all_single, and the
+split of a 4-rank tiny training step into attention / route / all-to-all / experts / other.
+
+    python benchmarks/alltoall_dispatch.py                  # 4 CPU ranks, gloo
+    python benchmarks/alltoall_dispatch.py --json out.json
+
+Part 1 sends the same bytes both ways: `raw` is two dist.all_to_all_single calls on an
+(E * T, d) buffer; `ep` is the dispatch and combine hooks of ecdit_dist.parallel.ep around
+an identity expert (with the layout changes they need). Calls are interleaved and the
+median is kept. Part 2 runs configs/tiny-cpu.yaml with tp=2, ep=2 and times each phase
+with ecdit_dist.profiling.phases (forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dispatch_bench(rank: int, world: int, tokens: int, dim: int, experts: int, repeats: int) -> dict:
+    import torch.distributed as dist
+
+    from ecdit_dist.parallel.ep import _combine_hook, _dispatch_hook
+
+    dist.init_process_group("gloo")
+    try:
+        group = dist.group.WORLD
+        T = tokens // experts * 2                       # C tokens per expert per group, capacity factor 2
+        x = torch.randn(experts, T, dim)
+        dispatch, combine = _dispatch_hook(group, world), _combine_hook(group, world)
+        flat = x.reshape(-1, dim)
+        out = torch.empty_like(flat)
+
+        def raw():
+            dist.all_to_all_single(out, flat, group=group)
+            dist.all_to_all_single(flat, out, group=group)
+
+        def raw_alloc():                                 # same, but every call gets a new output buffer
+            o = torch.empty_like(flat)
+            dist.all_to_all_single(o, flat, group=group)
+            dist.all_to_all_single(torch.empty_like(flat), o, group=group)
+
+        def ep():
+            local = dispatch(None, (x,))[0]              # (E_local, world * T, d)
+            combine(None, None, local)
+
+        times = {"raw": [], "raw_alloc": [], "ep": []}
+        for i in range(repeats + 2):
+            for name, fn in (("raw", raw), ("raw_alloc", raw_alloc), ("ep", ep)):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                dist.barrier()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        return {"bytes_per_rank": x.numel() * 4, "seconds": med, "raw_over_ep": med["raw"] / med["ep"],
+                "raw_alloc_over_ep": med["raw_alloc"] / med["ep"]}
+    finally:
+        dist.destroy_process_group()
+
+
+def step_bench(rank: int, world: int, steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
+    from ecdit_dist.config import load_config
+    from ecdit_dist.profiling.phases import PhaseTimes, instrument, summary
+    from ecdit_dist.train import Trainer
+
+    cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml",
+                      [*overrides, f"run.dir={run_dir}", "logging.progress=false", "logging.tensorboard=false",
+                       "sample.at_end=false", "checkpoint.resume=false"])
+    trainer = Trainer(cfg)
+    try:
+        times = PhaseTimes()
+        instrument(trainer.model, times, expert_parallel=trainer.dims.ep > 1)
+        for s in range(warmup):
+            trainer.train_step(s)
+        times.reset()
+        t0 = time.perf_counter()
+        for s in range(warmup, warmup + steps):
+            trainer.train_step(s)
+        per_step = (time.perf_counter() - t0) / steps
+        phases = {k: v / steps for k, v in summary(times, per_step * steps).items()}
+        return {"layout": trainer.dims.describe(), "per_step": phases}
+    finally:
+        trainer.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=4096, help="tokens each rank routes (part 1)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (part 2)")
+    p.add_argument("--json")
+    args = p.parse_args()
+
+    from ecdit_dist.parallel.local import run_ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = run_ranks(dispatch_bench, args.ranks, Path(tmp) / "a", args.tokens, args.dim, args.experts,
+                      args.repeats, timeout=900)[0]
+        s = run_ranks(step_bench, args.ranks, Path(tmp) / "b", args.steps, 3,
+                      ["parallel.tp=2", "parallel.ep=2"], str(Path(tmp) / "run"), timeout=900)[0]
+    print(f"part 1: {args.ranks} ranks, {d['bytes_per_rank'] / 2**20:.1f} MiB per rank each way")
+    print("| | raw all_to_all_single x2 | raw, new output buffers | EP dispatch + combine | raw / EP |"
+          " raw new buffers / EP |")
+    print("|---|---|---|---|---|---|")
+    sec = d["seconds"]
+    print(f"| seconds | {sec['raw']:.4f} | {sec['raw_alloc']:.4f} | {sec['ep']:.4f} | {d['raw_over_ep']:.3f} |"
+          f" {d['raw_alloc_over_ep']:.3f} |")
+    print(f"\npart 2: tiny-cpu, {s['layout']}, ms per training step")
+    ph = s["per_step"]
+    print("| attention | route | all-to-all | experts | other | step |")
+    print("|---|---|---|---|---|---|")
+    print("| " + " | ".join(f"{1000 * ph[k]:.1f}" for k in ("attention", "route", "all_to_all", "experts", "other",
+                                                               "step")) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dispatch": d, "step": s}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

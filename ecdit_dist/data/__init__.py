@@ -1,0 +1,1 @@
+"""Data: the embedded shapes dataset, samplers and text encoders."""

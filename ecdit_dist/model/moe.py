@@ -1,0 +1,214 @@
+"""FFN and Mixture-of-Experts layers.
+
+`ExpertChoiceMoE` is the EC-DiT layer (paper eq. 5-8, Algorithm 1), written as named
+phases: route -> dispatch -> experts -> combine. Dispatch and combine are a gather and
+a scatter-add over flat token indices; the experts run as one batched matmul over
+stacked weights. The one-hot einsum of Algorithm 1 is kept only as the test reference.
+
+The dispatch buffer is expert-major, (E, G*C, d): expert parallelism (see
+`ecdit_dist.parallel.ep`) splits its first axis over ranks with one all-to-all and
+nothing else changes here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ecdit_dist.model.routing import at_least_fp32, expert_choice, token_choice
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a distributed (DTensor) weight; plain tensors pass through."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def expert_capacity(group_size: int, capacity_factor: float, num_experts: int) -> int:
+    """C = ceil(group_size * capacity_factor / num_experts) (paper eq. 6), at most group_size."""
+    return min(group_size, math.ceil(group_size * capacity_factor / num_experts - 1e-9))
+
+
+class FeedForward(nn.Module):
+    """Dense FFN: GELU(x W1) W2, no biases (the same function as one expert)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+    def init_weights(self) -> None:
+        for lin in (self.w1, self.w2):
+            nn.init.xavier_uniform_(lin.weight)
+
+
+class GroupedExperts(nn.Module):
+    """E experts with stacked weights w1 (E, d, d_ff) and w2 (E, d_ff, d).
+
+    `forward` takes an expert-major buffer (E_local, T, d) and runs one batched matmul.
+    Expert parallelism wraps this module with all-to-all hooks, so it only ever sees
+    the experts it owns. Always call the module (not a method): ZeRO-3 gathers the
+    weights in the module's forward hooks.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """x (E_local, T, d) -> (E_local, T, d); or, with `counts`, x (sum(counts), d) sorted by
+        expert, counts[e] rows for local expert e (uneven batches, token choice)."""
+        w1, w2 = _local(self.w1), _local(self.w2)
+        if counts is None:
+            h = F.gelu(torch.bmm(x, w1), approximate="tanh")    # (E_local, T, d_ff)
+            return torch.bmm(h, w2)                              # (E_local, T, d)
+        outs = [F.gelu(xe @ w1[e], approximate="tanh") @ w2[e] for e, xe in enumerate(torch.split(x, counts))]
+        return torch.cat(outs) if outs else x
+
+    def init_weights(self) -> None:
+        d, h = self.w1.shape[-2:]
+        bound = math.sqrt(6.0 / (d + h))  # xavier-uniform of a single (d, d_ff) matrix
+        nn.init.uniform_(self.w1, -bound, bound)
+        nn.init.uniform_(self.w2, -bound, bound)
+
+
+class _MoEBase(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, group_size: int,
+                 eval_group_size: int | None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_experts = num_experts
+        self.group_size = group_size
+        self.eval_group_size = eval_group_size or group_size
+        self.router = nn.Linear(dim, num_experts, bias=False)  # router.weight: (E, d)
+        self.experts = GroupedExperts(num_experts, dim, ffn_dim)
+        self.stats: torch.Tensor | None = None       # (3,) experts/token mean, max, unchosen share
+        self.aux_loss: torch.Tensor | None = None
+
+    def current_group_size(self, num_tokens: int) -> int:
+        g = self.group_size if self.training else self.eval_group_size
+        if num_tokens % g:
+            phase = "moe.group_size" if self.training else "moe.eval_group_size"
+            raise ValueError(f"{num_tokens} tokens cannot be split into groups of {g} ({phase}); "
+                             f"use a batch whose token count is a multiple of {g}")
+        return g
+
+    def gating(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Router logits in float32 (or float64 for float64 inputs): (..., d) -> (..., E)."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            return F.linear(at_least_fp32(tokens), at_least_fp32(self.router.weight))
+
+    @torch.no_grad()
+    def _record(self, token_index: torch.Tensor, num_tokens: int) -> None:
+        per_token = torch.zeros(num_tokens, device=token_index.device)
+        per_token.index_add_(0, token_index.reshape(-1), torch.ones_like(token_index.reshape(-1), dtype=per_token.dtype))
+        self.stats = torch.stack([per_token.mean(), per_token.max(), (per_token == 0).float().mean()])
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.experts.init_weights()
+
+
+class ExpertChoiceMoE(_MoEBase):
+    """Expert-choice MoE on (B, S, d) inputs.
+
+    Tokens are taken in groups of `group_size` consecutive tokens of the flattened
+    (batch, sequence); in each group every expert picks its top-C tokens by affinity
+    (C = ceil(group_size * capacity_factor / num_experts)) and its output is weighted
+    by that affinity. A token no expert picked gets 0. No auxiliary loss.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, capacity_factor: float = 2.0,
+                 group_size: int = 1024, eval_group_size: int | None = None) -> None:
+        super().__init__(dim, ffn_dim, num_experts, group_size, eval_group_size)
+        self.capacity_factor = capacity_factor
+        # Order of the experts along the dispatch buffer; None = 0..E-1. Expert parallelism sets a
+        # permutation that makes every all-to-all chunk contiguous (see parallel/ep.py).
+        self.expert_order: torch.Tensor | None = None
+        for g in (self.group_size, self.eval_group_size):
+            if expert_capacity(g, capacity_factor, num_experts) < 1:
+                raise ValueError(f"capacity ceil({g} * {capacity_factor} / {num_experts}) < 1")
+        self.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, S, d)
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])                    # (N, d)
+        n = tokens.shape[0]
+        g = self.current_group_size(n)
+        capacity = expert_capacity(g, self.capacity_factor, self.num_experts)
+        gate, rows = self.route(tokens.view(n // g, g, -1), capacity)  # (E, G*C) each
+        x_e = self.dispatch(tokens, rows)                    # (E, G*C, d)
+        y_e = self.experts(x_e)                              # (E, G*C, d)
+        return self.combine(y_e, gate, rows, n).view(shape)
+
+    def route(self, groups: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """groups (G, g, d) -> gate (E, G*C) fp32 and rows (E, G*C): flat token indices, one row
+        per expert (in `expert_order` when set)."""
+        G, g, _ = groups.shape
+        choice = expert_choice(self.gating(groups), capacity)  # (G, E, C)
+        offset = torch.arange(G, device=groups.device).view(G, 1, 1) * g
+        rows = (choice.index + offset).transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
+        gate = choice.gate.transpose(0, 1).reshape(self.num_experts, -1)              # (E, G*C)
+        if self.expert_order is not None:
+            order = self.expert_order.to(rows.device)
+            rows, gate = rows.index_select(0, order), gate.index_select(0, order)
+        self._record(rows, G * g)
+        return gate, rows
+
+    @staticmethod
+    def dispatch(tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        E = rows.shape[0]
+        return tokens.index_select(0, rows.reshape(-1)).view(E, -1, tokens.shape[-1])  # (E, G*C, d)
+
+    @staticmethod
+    def combine(y_e: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        weighted = y_e * gate.unsqueeze(-1).to(y_e.dtype)   # (E, G*C, d)
+        out = y_e.new_zeros(num_tokens, y_e.shape[-1])       # (N, d)
+        return out.index_add(0, rows.reshape(-1), weighted.reshape(-1, y_e.shape[-1]))
+
+
+class TokenChoiceMoE(_MoEBase):
+    """Token-choice top-k MoE (GShard baseline) with the same interface.
+
+    Each token picks its top_k experts; an expert takes at most
+    ceil(top_k * group_size * token_capacity_factor / E) assignments per group (None:
+    no limit). `aux_loss` holds the load-balancing loss of the last forward.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int = 2,
+                 token_capacity_factor: float | None = 1.25, group_size: int = 1024,
+                 eval_group_size: int | None = None) -> None:
+        super().__init__(dim, ffn_dim, num_experts, group_size, eval_group_size)
+        self.top_k = top_k
+        self.token_capacity_factor = token_capacity_factor
+        self.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, S, d)
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])                    # (N, d)
+        n = tokens.shape[0]
+        g = self.current_group_size(n)
+        cap = None
+        if self.token_capacity_factor is not None:
+            cap = math.ceil(self.top_k * g * self.token_capacity_factor / self.num_experts)
+        choice = token_choice(self.gating(tokens.view(n // g, g, -1)), self.top_k, cap)
+        self.aux_loss = choice.aux_loss
+        self._record(choice.token, n)
+        x_sorted = tokens.index_select(0, choice.token)     # (A, d) grouped by expert
+        y = self.run_experts(x_sorted, choice.counts)        # (A, d)
+        weighted = y * choice.gate.unsqueeze(-1).to(y.dtype)
+        return tokens.new_zeros(n, shape[-1]).index_add(0, choice.token, weighted).view(shape)
+
+    def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Uneven per-expert batches; expert parallelism replaces this with an all-to-all version."""
+        return self.experts(x_sorted, counts.tolist())
+
+
+MOE_LAYERS = (ExpertChoiceMoE, TokenChoiceMoE)

@@ -1,0 +1,146 @@
+"""Expert parallelism: each rank of an ep group owns num_experts / ep experts.
+
+Expert choice gives every expert exactly C tokens per group, so the dispatch buffer
+(E, T, d) splits into equal chunks: the MoE layer gathers it in `expert_order` (local slot,
+destination), the all-to-all (one call per local expert slot, autograd-aware, no count
+exchange, no host sync) delivers to each owner its experts' tokens from all ep ranks as the
+(E/ep, ep*T, d) input of one batched matmul, and the same exchange returns the results.
+Neither side copies or reshuffles the buffer. Token choice sends uneven counts, exchanged
+first.
+
+Gradient bookkeeping: the all-to-all backward already sums an expert's gradient over the
+ep ranks whose tokens it processed, and FSDP then averages it over the expert-data-parallel
+ranks. Relative to the data-parallel mean that is a factor ep / tp too large (tp because
+tensor-parallel ranks route disjoint token shares); `scale_expert_grads` undoes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from ecdit_dist.model.moe import ExpertChoiceMoE, TokenChoiceMoE
+
+
+def shard_experts(experts: nn.Module, ep_mesh) -> None:
+    """Replace w1/w2 (E, ...) by DTensors sharded along E over the ep mesh (every rank keeps E/ep)."""
+    for name in ("w1", "w2"):
+        p = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)])))
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single along dim 0; the backward is the same exchange in reverse."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits, input_splits, group) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        rows = sum(output_splits) if output_splits is not None else x.shape[0]
+        out = x.new_empty((rows, *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        output_splits, input_splits = ctx.splits
+        rows = sum(input_splits) if input_splits is not None else grad.shape[0]
+        out = grad.new_empty((rows, *grad.shape[1:]))
+        dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, group, output_splits: list[int] | None = None,
+               input_splits: list[int] | None = None) -> torch.Tensor:
+    """Autograd-aware all_to_all_single along dim 0 (equal chunks when no splits are given)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class _ExpertExchange(torch.autograd.Function):
+    """(E_local, ep * T, d) -> (E_local, ep * T, d): for every local expert slot e, chunk k of row e
+    goes to ep rank k and chunk j of the result comes from ep rank j. One all_to_all_single per
+    local expert, reading and writing contiguous rows: no reshuffling copies on either side."""
+
+    @staticmethod
+    def _exchange(x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        for e in range(x.shape[0]):
+            dist.all_to_all_single(out[e], x[e], group=group)
+        return out
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _ExpertExchange._exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _ExpertExchange._exchange(grad, ctx.group), None
+
+
+def expert_order(num_experts: int, ep: int) -> torch.Tensor:
+    """Dispatch order (local slot e, destination k) -> global expert k * E_local + e.
+
+    In this order the tokens of local slot e for every destination are one contiguous block,
+    and what a rank receives for slot e is exactly the (ep * T, d) input of its expert e."""
+    e_local = num_experts // ep
+    return torch.tensor([k * e_local + e for e in range(e_local) for k in range(ep)])
+
+
+def _dispatch_hook(group, ep: int):
+    def hook(module, args):
+        x = args[0]                                                   # (E, T, d) in expert_order
+        E, T, d = x.shape
+        return (_ExpertExchange.apply(x.view(E // ep, ep * T, d), group),)   # (E_local, ep*T, d)
+    return hook
+
+
+def _combine_hook(group, ep: int):
+    def hook(module, args, out):
+        E_local, epT, d = out.shape                                   # (E_local, ep*T, d)
+        return _ExpertExchange.apply(out, group).view(E_local * ep, epT // ep, d)  # (E, T, d)
+    return hook
+
+
+def _ragged_expert_parallel(layer: TokenChoiceMoE, group, ep: int):
+    def run_experts(x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        E = counts.numel()
+        E_local = E // ep
+        send_counts = counts.to(torch.int64)                          # (E,) by global expert = by destination
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)  # (ep sources x E_local)
+        send_splits = send_counts.view(ep, E_local).sum(1).tolist()
+        recv_matrix = recv_counts.view(ep, E_local)
+        recv_splits = recv_matrix.sum(1).tolist()
+        recv = all_to_all(x_sorted, group, recv_splits, send_splits)
+        # rows arrive grouped by source, then local expert: regroup by local expert
+        local_expert = torch.repeat_interleave(torch.arange(E_local).repeat(ep), recv_matrix.flatten())
+        order = torch.argsort(local_expert, stable=True).to(recv.device)
+        y_sorted = layer.experts(recv.index_select(0, order), recv_matrix.sum(0).tolist())
+        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+        return all_to_all(y, group, send_splits, recv_splits)
+    return run_experts
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+    group = ep_mesh.get_group()
+    ep = ep_mesh.size()
+    for layer in model.moe_layers():
+        shard_experts(layer.experts, ep_mesh)
+        if isinstance(layer, ExpertChoiceMoE):
+            layer.expert_order = expert_order(layer.num_experts, ep)
+            layer.experts.register_forward_pre_hook(_dispatch_hook(group, ep))
+            layer.experts.register_forward_hook(_combine_hook(group, ep))
+        elif isinstance(layer, TokenChoiceMoE):
+            layer.run_experts = _ragged_expert_parallel(layer, group, ep)
+
+
+def scale_expert_grads(model: nn.Module, factor: float) -> None:
+    if factor == 1.0:
+        return
+    for layer in model.moe_layers():
+        for p in layer.experts.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)

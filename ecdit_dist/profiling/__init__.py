@@ -1,0 +1,1 @@
+"""Profiling: per-phase step timers and communication benchmarks."""

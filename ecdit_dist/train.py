@@ -1,0 +1,371 @@
+"""The training loop, in one process or on many. Also the torchrun entry point:
+
+    torchrun --nproc_per_node=4 -m ecdit_dist.train --config configs/tiny-cpu.yaml --set parallel.tp=2 parallel.ep=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ecdit_dist.checkpoint.manager import CheckpointManager, Dist, read_meta
+from ecdit_dist.config import Config, ConfigError, dump_config, load_config
+from ecdit_dist.data.sampler import EpochPermutation, rank_positions
+from ecdit_dist.data.shapes import ShapesSource
+from ecdit_dist.data.text import TinyTextEncoder
+from ecdit_dist.diffusion import draw_training_randomness, interpolate, velocity_target
+from ecdit_dist.metrics import MetricsLogger
+from ecdit_dist.model import ECDiT, patchify
+from ecdit_dist.model.moe import TokenChoiceMoE
+from ecdit_dist.optim import EMA, build_optimizer, lr_factor, set_lr
+from ecdit_dist.parallel.dims import ParallelDims
+from ecdit_dist.parallel.parallelize import clip_grad_norm, finish_gradients, parallelize
+
+# Config sections that define the network: a checkpoint only resumes into the same ones.
+ARCH_KEYS = ("model", "moe")
+META_INIT_THRESHOLD = 2_000_000_000
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        rank, world, local_rank = launch_env()
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        # every check runs before the first collective, so a bad layout fails the same way on every rank
+        self.dims = ParallelDims.from_config(cfg, world, self.device.type)
+        if world > 1 and not dist.is_initialized():
+            backend = cfg.parallel.backend
+            if backend == "auto":
+                backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s),
+                                    device_id=self.device if self.device.type == "cuda" else None)
+        self.dims.build_meshes()
+        self.rank = rank
+        self.is_main = rank == 0
+        coords = self.dims.coords(rank)
+        self.dp_rank, self.dp_size = coords["dp"], self.dims.dp
+        self.run_dir = Path(cfg.run.dir)
+        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+
+        self.source = ShapesSource(cfg.data.num_samples, 2 * cfg.model.latent_size, cfg.data.seed)
+        self.text_encoder = TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len)
+        self.permutation = EpochPermutation(len(self.source), cfg.seed)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+                                             self._dist_ops())
+        self.step = 0
+
+    def build_model(self) -> ECDiT:
+        cfg = self.cfg
+        init = cfg.train.init
+        if init == "auto":
+            from ecdit_dist.params import count_params
+
+            big = count_params(cfg.model, cfg.moe)["backbone_params"] > META_INIT_THRESHOLD
+            init = "meta" if big and self.dims.world > 1 else "full"
+        torch.manual_seed(cfg.seed)
+        if init == "full":
+            model = ECDiT(cfg.model, cfg.moe).to(self.device)
+            return parallelize(model, self.dims, cfg)
+        with torch.device("meta"):
+            model = ECDiT(cfg.model, cfg.moe)
+        model = parallelize(model, self.dims, cfg)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        return model
+
+    def _dist_ops(self) -> Dist:
+        if self.dims.world == 1:
+            return Dist()
+
+        def all_ok(ok: bool) -> bool:
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item())
+
+        return Dist(rank=self.rank, barrier=dist.barrier, all_ok=all_ok)
+
+    def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold different data (tp ranks hold copies)."""
+        if self.dims.world > 1:
+            t = t.detach().clone()
+            for dim in ("dp_replicate", "dp_shard"):
+                if getattr(self.dims, dim) > 1:
+                    dist.all_reduce(t, group=self.dims.group("dense", dim))
+        return t
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state: dict[str, Any] = {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+            "trainer": {"step": torch.tensor(self.step)},
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def resume(self) -> bool:
+        folder = self.checkpoints.latest_valid() if self.cfg.checkpoint.resume else None
+        if folder is None:
+            return False
+        saved = read_meta(folder).get("config", {})
+        now = self.cfg.to_dict()
+        diffs = [f"{s}.{k}: checkpoint {saved[s].get(k)!r} vs now {now[s][k]!r}"
+                 for s in ARCH_KEYS if s in saved for k in now[s] if saved[s].get(k) != now[s][k]]
+        if diffs:
+            raise ConfigError(f"cannot resume {folder}: the architecture differs ({'; '.join(diffs)}); "
+                              f"use another run.dir or set checkpoint.resume=false")
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self.state()
+        self.checkpoints.load(folder, state)
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        self.step = int(state["trainer"]["step"])
+        if self.is_main:
+            print(f"resumed from {folder} at step {self.step}", flush=True)
+        return True
+
+    def save(self) -> Path:
+        meta = {"config": self.cfg.to_dict(), "data": {"position": self.step * self.cfg.train.global_batch_size},
+                "layout": {"world": self.dims.world, "dp_replicate": self.dims.dp_replicate,
+                           "dp_shard": self.dims.dp_shard, "tp": self.dims.tp, "ep": self.dims.ep}}
+        return self.checkpoints.save(self.step, self.state(), meta)
+
+    # ------------------------------------------------------------------ one step
+    def batch(self, step: int):
+        """This rank's samples of global step `step`: latents, text, mask and the per-sample draws."""
+        cfg, mcfg = self.cfg, self.cfg.model
+        gb = cfg.train.global_batch_size
+        positions = rank_positions(step, gb, self.dp_rank, self.dp_size)
+        latents, captions = self.source.batch(self.permutation(positions))
+        text, text_mask = self.text_encoder.encode(captions)
+        slot = positions - step * gb                        # global sample index within the step
+        draws = draw_training_randomness(cfg.seed, step, slot.tolist(), self.source.latent_shape,
+                                         mcfg.tokens_per_image, mcfg.train_tokens_per_image,
+                                         cfg.diffusion.t_mean, cfg.diffusion.t_std, cfg.diffusion.text_dropout)
+        return latents, text, text_mask, draws
+
+    def forward_loss(self, x, text, text_mask, noise, t, keep, drop) -> torch.Tensor:
+        """Per-sample velocity MSE on the kept tokens, (b,)."""
+        p = self.cfg.model.patch_size
+        target = patchify(velocity_target(x, noise), p)                     # (b, S, p*p*C)
+        if keep is not None:
+            target = torch.gather(target, 1, keep.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            pred = self.model(interpolate(x, noise, t), t, text, text_mask, keep=keep, drop_text=drop)
+        return (pred.float() - target).pow(2).mean(dim=(1, 2))
+
+    def backward_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over this rank's micro-batches of `step`, then the gradient
+        corrections of the layout. Returns this rank's (sum of per-sample losses, aux loss)."""
+        cfg = self.cfg
+        per_rank = cfg.train.global_batch_size // self.dp_size
+        micro = cfg.train.micro_batch_size or per_rank
+        latents, text, text_mask, draws = self.batch(step)
+        dev = self.device
+        loss_sum = torch.zeros((), device=dev)
+        aux_sum = torch.zeros((), device=dev)
+        for start in range(0, per_rank, micro):
+            sl = slice(start, start + micro)
+            keep = draws.keep[sl].to(dev) if draws.keep is not None else None
+            per_sample = self.forward_loss(latents[sl].to(dev), text[sl].to(dev), text_mask[sl].to(dev),
+                                           draws.noise[sl].to(dev), draws.t[sl].to(dev), keep,
+                                           draws.drop_text[sl].to(dev))
+            loss = per_sample.sum() / per_rank
+            # each tp rank routes its own share of the tokens: their aux losses average over tp
+            aux = self.aux_loss() * (micro / per_rank / self.dims.tp)
+            (loss + cfg.moe.aux_loss_weight * aux).backward()
+            loss_sum += per_sample.detach().sum()
+            aux_sum += aux.detach()
+        finish_gradients(self.model, self.dims)
+        return loss_sum, aux_sum
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        loss_sum, aux_sum = self.backward_step(step)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step)
+        out = {"loss": self.dp_sum(loss_sum) / cfg.train.global_batch_size, "lr": lr, "grad_norm": grad_norm}
+        if any(isinstance(m, TokenChoiceMoE) for m in self.model.moe_layers()):
+            aux_total = self.dp_sum(aux_sum) / self.dp_size
+            if self.dims.tp > 1:
+                dist.all_reduce(aux_total, group=self.dims.group("dense", "tp"))
+            out["aux_loss"] = aux_total
+        return out
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.model.moe_layers() if getattr(m, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+
+    def routing_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, block in enumerate(self.model.blocks):
+            if block.is_moe and block.ffn.stats is not None:
+                mean, mx, unchosen = block.ffn.stats.tolist()
+                out[f"moe/layer{i}/experts_per_token_max"] = mx
+                out[f"moe/layer{i}/unchosen_share"] = unchosen
+                out[f"moe/layer{i}/experts_per_token_mean"] = mean
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            print(f"layout: {self.dims.describe()}", flush=True)
+        self.resume()
+        logger = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard)
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (self.is_main and cfg.logging.progress),
+                   desc="train", unit="step", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        t0, n0 = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.train.steps:
+                step = self.step
+                values = self.train_step(step)
+                self.step = step + 1
+                if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+                    elapsed = time.perf_counter() - t0
+                    rate = (self.step - n0) / max(elapsed, 1e-9)
+                    last = {k: float(v) for k, v in values.items()}
+                    last.update(self.routing_metrics())
+                    last["steps_per_s"] = rate
+                    last["images_per_s"] = rate * cfg.train.global_batch_size
+                    logger.log(self.step, last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    t0, n0 = time.perf_counter(), self.step
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.train.steps:
+                    self.save()
+                bar.update(1)
+            if self.step not in self.checkpoints.committed_steps():
+                self.save()
+            if cfg.sample.at_end:
+                path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
+                if self.sample_grid(path) is not None:
+                    print(f"wrote samples to {path}", flush=True)
+        finally:
+            bar.close()
+            logger.close()
+        return last
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """The EMA (or raw) weights as full CPU tensors on the first rank; collective; None elsewhere."""
+        from ecdit_dist.parallel.ac import clean_fqn
+
+        if self.cfg.sample.use_ema and self.ema is not None:
+            named = self.ema.state_dict().items()
+        else:
+            named = ((clean_fqn(k), p) for k, p in self.model.named_parameters())
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in named}
+        return full if self.is_main else None
+
+    def sample_grid(self, path: Path) -> Path | None:
+        from ecdit_dist.sample import sample_grid
+
+        cfg = self.cfg
+        if self.dims.world == 1:
+            model = self.model
+            if cfg.sample.use_ema and self.ema is not None:
+                model = copy.deepcopy(self.model)
+                self.ema.copy_to(model)
+        else:
+            weights = self.full_weights()
+            if not self.is_main:
+                return None
+            model = ECDiT(cfg.model, cfg.moe).to(self.device)
+            model.load_state_dict(weights)
+        return sample_grid(model, self.text_encoder, self.source.vae.decode, cfg.sample.prompts,
+                           cfg.sample.per_prompt, cfg.sample.steps, cfg.sample.cfg_scale, cfg.seed, path,
+                           self.autocast_dtype)
+
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group; wait for the other ranks only after a successful run (after a
+        failure they may never arrive)."""
+        if self.dims.world > 1 and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ecdit train",
+        description="Train EC-DiT in one process, or on several ranks under torchrun "
+                    "(or with --nproc, which starts torchrun on this machine).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  ecdit train --config configs/tiny-cpu.yaml\n"
+               "  ecdit train --config configs/tiny-cpu.yaml --set train.steps=50 run.dir=runs/try\n"
+               "  ecdit train --nproc 4 --config configs/tiny-cpu.yaml --set parallel.tp=2 parallel.ep=2\n"
+               "  torchrun --nnodes=2 --nproc_per_node=8 ... -m ecdit_dist.train --config FILE\n")
+    p.add_argument("--config", required=True, help="YAML run configuration (see configs/ and docs/CONFIG.md)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set train.steps=100 optim.lr=3e-4")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="start this many ranks on this machine through torchrun (CPU: gloo, GPU: nccl)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            ParallelDims.from_config(cfg, args.nproc)      # fail here, not in every rank
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   "-m", "ecdit_dist.train", "--config", args.config]
+            if args.set:
+                cmd += ["--set", *args.set]
+            env = {**os.environ}
+            env.setdefault("OMP_NUM_THREADS", "1")
+            os.execvpe(cmd[0], cmd, env)
+        trainer = Trainer(cfg)
+    except ConfigError as e:
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr)
+        return 2
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        trainer.close(clean=ok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

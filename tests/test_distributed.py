@@ -1,0 +1,160 @@
+"""Every parallel layout equals one process: outputs, gradients, 5 optimizer steps (CPU, gloo)."""
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecdit_dist.parallel.local import run_ranks
+from workers import EQUIV, QUIET, TINY, collect, dead_peer, equivalence, moe_layer
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+# name: (world, overrides)
+LAYOUTS = {
+    "1-rank": (1, []),
+    "dp2": (2, []),
+    "ep2": (2, ["parallel.ep=2"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "hsdp2x2-ep2": (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),
+    "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
+    "dp2-tp2-ep4-hsdp": (8, ["parallel.dp_replicate=2", "parallel.tp=2", "parallel.ep=4"]),
+    "tp2-ep2-token-choice": (4, ["moe.router=token_choice", "parallel.tp=2", "parallel.ep=2"]),
+    "ep2-checkpointing-accumulation": (2, ["parallel.ep=2", "train.activation_checkpointing=true",
+                                           "train.micro_batch_size=4"]),
+}
+MODEL_KEYS = ("moe.router",)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One-process runs, per model variant, computed once."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    cache = {}
+
+    def get(overrides):
+        key = tuple(o for o in overrides if o.startswith(MODEL_KEYS))
+        if key not in cache:
+            run_dir = tmp_path_factory.mktemp("ref")
+            trainer = Trainer(load_config(TINY, [*EQUIV, *key, f"run.dir={run_dir}", *QUIET]))
+            cache[key] = collect(trainer, STEPS)
+        return cache[key]
+
+    return get
+
+
+def expected_shard(name: str, full: int, world: int, overrides: list[str]) -> int:
+    opts = dict(o.split("=") for o in overrides if o.startswith("parallel."))
+    rep, tp, ep = int(opts.get("parallel.dp_replicate", 1)), int(opts.get("parallel.tp", 1)), int(opts.get("parallel.ep", 1))
+    shard = world // (rep * tp)
+    if world == 1:
+        return full
+    if ".experts." in name:
+        return full // (ep * (shard * tp // ep))          # split over ep, ZeRO-3 over expert-data-parallel ranks
+    tp_split = any(k in name for k in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                                       "ffn.w1.weight", "ffn.w2.weight")) and ".experts." not in name
+    return full // (shard * (tp if tp_split else 1))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_equals_one_process(layout, references, tmp_path):
+    world, overrides = LAYOUTS[layout]
+    results = run_ranks(equivalence, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), STEPS, timeout=420)
+    got, ref = results[0], references(overrides)
+
+    torch.testing.assert_close(got["pred"], ref["pred"], rtol=1e-4, atol=1e-5, msg=f"{layout}: forward output")
+    assert got["loss0"] == pytest.approx(ref["loss0"], rel=1e-5)
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name in ref["grads"]:
+        torch.testing.assert_close(got["grads"][name], ref["grads"][name], rtol=1e-4, atol=1e-6,
+                                   msg=f"{layout}: gradient of {name}")
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), layout
+    moved = max((ref["params"][n] - ref["init"][n]).abs().max().item() for n in ref["params"])
+    assert moved > 1e-2                       # the 1e-4 tolerance below is far below the updates
+    for name in ref["params"]:
+        torch.testing.assert_close(got["params"][name], ref["params"][name], rtol=0, atol=1e-4,
+                                   msg=f"{layout}: parameter {name} after {STEPS} steps")
+
+    full = {n: t.numel() for n, t in ref["params"].items()}
+    for name in ("blocks.0.attn.q_proj.weight", "blocks.0.ffn.w1.weight", "blocks.0.adaln.weight",
+                 "blocks.1.ffn.experts.w1", "blocks.1.ffn.experts.w2", "blocks.1.ffn.router.weight"):
+        want = expected_shard(name, full[name], world, overrides)
+        for rank, r in enumerate(results):
+            assert r["shards"][name] == want, (layout, rank, name, r["shards"][name], want)
+
+
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
+def test_expert_parallel_layer_equals_one_process(router, tmp_path):
+    seed = random.SystemRandom().randrange(2**31)
+    world = 4
+    results = run_ranks(moe_layer, world, tmp_path, seed, router, timeout=240)
+    router_grad = sum(r["router_grad"] for r in results)
+    for rank, r in enumerate(results):
+        assert r["w1_shape"][0] == 8 // world
+        torch.testing.assert_close(r["out"], r["ref_out"], rtol=1e-5, atol=1e-6, msg=f"seed {seed} rank {rank}")
+        torch.testing.assert_close(r["dx"], r["ref_dx"], rtol=1e-5, atol=1e-6, msg=f"seed {seed} rank {rank}")
+        torch.testing.assert_close(r["w1_grad"], r["ref_w1_grad"], rtol=1e-4, atol=1e-6, msg=f"seed {seed}")
+    torch.testing.assert_close(router_grad, results[0]["ref_router_grad"], rtol=1e-4, atol=1e-6)
+
+
+def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 180):
+    """Run the real entry point under torchrun; on timeout kill every rank, not just torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ecdit_dist.train", "--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun {overrides} did not finish within {timeout}s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.ep=3"], "parallel.ep (3) must divide moe.num_experts (4)"),
+    (["parallel.tp=4"], "model.num_kv_heads (2) must be divisible by parallel.tp (4)"),
+    (["parallel.dp_shard=3"], "but the world size is 4"),
+    (["parallel.tp=2", "moe.group_size=512"], "moe.group_size (512) must divide the tokens each rank routes"),
+])
+def test_bad_layout_fails_on_every_rank_without_hanging(overrides, message, tmp_path):
+    out = _torchrun(4, overrides, tmp_path)
+    assert out.returncode != 0
+    for rank in range(4):
+        assert f"error (rank {rank}): " in out.stderr and message in out.stderr, out.stderr[-2000:]
+
+
+def test_torchrun_entry_writes_global_mean_loss(tmp_path):
+    out = _torchrun(4, ["parallel.tp=2", "parallel.ep=2", "train.steps=3", "logging.interval=1"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    from ecdit_dist.metrics import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (tmp_path / "checkpoints" / "step-00000003" / "manifest.json").exists()
+
+
+def test_dead_peer_raises_instead_of_hanging(tmp_path):
+    with pytest.raises(AssertionError) as info:
+        run_ranks(dead_peer, 2, tmp_path / "ranks", str(tmp_path / "run"), timeout=150)
+    assert "did not finish" not in str(info.value)       # an error, not a hang
+    assert (tmp_path / "ranks" / "rank0.err").exists()
+
+
+def test_ecdit_train_nproc_starts_torchrun(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ecdit_dist.cli", "train", "--nproc", "2", "--config", str(TINY),
+                          "--set", f"run.dir={tmp_path}", "train.steps=2", "parallel.ep=2", *QUIET],
+                         capture_output=True, text=True, timeout=240, start_new_session=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2 = dp_replicate 1 x dp_shard 2 x tp 1; ep 2" in out.stdout
+    assert (tmp_path / "checkpoints" / "step-00000002").is_dir()

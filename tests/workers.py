@@ -1,0 +1,147 @@
+"""Code that runs inside spawned ranks (importable by the child processes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny-cpu.yaml"
+QUIET = ["logging.progress=false", "logging.tensorboard=false", "sample.at_end=false", "checkpoint.interval=0"]
+# big enough steps that 5 optimizer updates move every weight far more than the tolerance
+EQUIV = ["optim.name=rmsprop", "optim.warmup_steps=0", "optim.lr=3e-4", "optim.ema_decay=0"]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().cpu()
+
+
+def _gather_dp(trainer, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a per-data-parallel-rank tensor in data order (tp ranks hold copies)."""
+    dims = trainer.dims
+    if dims.world == 1:
+        return t.detach().cpu()
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dims.world)]
+    dist.all_gather(parts, t.detach().contiguous())
+    by_dp = {dims.coords(r)["dp"]: parts[r] for r in range(dims.world) if dims.coords(r)["tp"] == 0}
+    return torch.cat([by_dp[i] for i in range(dims.dp)]).cpu()
+
+
+@torch.no_grad()
+def wake_zero_init(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Give zero-initialised weights (adaLN, output layers, biases) the same small random values on
+    every layout, so the very first gradients already flow through every path of the network."""
+    from ecdit_dist.diffusion import sample_key
+    from ecdit_dist.parallel.ac import clean_fqn
+
+    for name, p in model.named_parameters():
+        name = clean_fqn(name)
+        g = torch.Generator().manual_seed(sample_key(len(name), *name.encode()))
+        noise = torch.randn(p.shape, generator=g) * std         # p.shape is the global shape
+        if hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            if p.full_tensor().abs().max() == 0:
+                p.copy_(distribute_tensor(noise, p.device_mesh, p.placements))
+        elif p.abs().max() == 0:
+            p.copy_(noise)
+
+
+def collect(trainer, steps: int) -> dict[str, Any]:
+    """Forward output, gradients of every parameter and `steps` optimizer steps, all gathered."""
+    from ecdit_dist.diffusion import interpolate
+    from ecdit_dist.parallel.ac import clean_fqn
+
+    out: dict[str, Any] = {"layout": trainer.dims.describe()}
+    model = trainer.model
+    wake_zero_init(model)
+    latents, text, mask, draws = trainer.batch(0)
+    with torch.no_grad():
+        pred = model(interpolate(latents, draws.noise, draws.t), draws.t, text, mask, keep=draws.keep,
+                     drop_text=draws.drop_text)
+    out["pred"] = _gather_dp(trainer, pred)
+    loss_sum, _ = trainer.backward_step(0)
+    out["loss0"] = float(trainer.dp_sum(loss_sum) / trainer.cfg.train.global_batch_size)
+    out["grads"] = {clean_fqn(n): _full(p.grad) for n, p in model.named_parameters()}
+    out["shards"] = {clean_fqn(n): (p.to_local() if hasattr(p, "to_local") else p).numel()
+                     for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out["init"] = {clean_fqn(n): _full(p) for n, p in model.named_parameters()}
+    out["losses"] = [float(trainer.train_step(s)["loss"]) for s in range(steps)]
+    out["params"] = {clean_fqn(n): _full(p) for n, p in model.named_parameters()}
+    return out
+
+
+def equivalence(rank: int, world: int, overrides: list[str], run_dir: str, steps: int) -> dict[str, Any] | None:
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    cfg = load_config(TINY, [*EQUIV, *overrides, f"run.dir={run_dir}", *QUIET])
+    trainer = Trainer(cfg)
+    try:
+        result = collect(trainer, steps)
+    finally:
+        trainer.close()
+    return result if rank == 0 else {"shards": result["shards"]}
+
+
+def moe_layer(rank: int, world: int, seed: int, router: str) -> dict[str, Any]:
+    """One expert-parallel MoE layer (ep = world) against the same layer in one process."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from ecdit_dist.model.moe import ExpertChoiceMoE, TokenChoiceMoE
+    from ecdit_dist.parallel.ep import apply_expert_parallel
+
+    dist.init_process_group("gloo")
+    try:
+        torch.manual_seed(seed)
+        d, E, g = 16, 8, 16
+        if router == "expert_choice":
+            layer = ExpertChoiceMoE(d, 32, E, 2.0, g)
+        else:
+            layer = TokenChoiceMoE(d, 32, E, top_k=2, token_capacity_factor=None, group_size=g)
+        with torch.no_grad():
+            layer.router.weight.normal_()
+        ref = copy.deepcopy(layer)
+        x_all, probe = torch.randn(world, 4, g, d), torch.randn(world, 4, g, d)   # each rank: 4 x 16 tokens
+        x_ref = x_all.clone().requires_grad_(True)
+        ref_out = torch.stack([ref(x_ref[r]) for r in range(world)])             # every rank's tokens, one process
+        (ref_out * probe).sum().backward()
+
+        holder = torch.nn.Module()
+        holder.moe_layers = lambda: [layer]
+        apply_expert_parallel(holder, DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("ep",)))
+        x = x_all[rank].clone().requires_grad_(True)
+        out = layer(x)
+        (out * probe[rank]).sum().backward()
+        e_local = E // world
+        return {
+            "out": out.detach(), "ref_out": ref_out[rank].detach(),
+            "dx": x.grad, "ref_dx": x_ref.grad[rank],
+            "w1_grad": layer.experts.w1.grad.to_local(), "ref_w1_grad": ref.experts.w1.grad[rank * e_local:(rank + 1) * e_local],
+            "w1_shape": tuple(layer.experts.w1.to_local().shape),
+            "router_grad": layer.router.weight.grad, "ref_router_grad": ref.router.weight.grad,
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def dead_peer(rank: int, world: int, run_dir: str) -> None:
+    """Rank 1 dies after the first step; rank 0 must fail with an error, not hang."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    cfg = load_config(TINY, ["parallel.timeout_s=20", f"run.dir={run_dir}", "train.steps=5", *QUIET])
+    trainer = Trainer(cfg)
+    trainer.train_step(0)
+    if rank == 1:
+        os._exit(0)
+    trainer.train_step(1)   # must raise
