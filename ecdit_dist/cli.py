@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ecdit_dist.checkpoint.manager import CheckpointError
+from ecdit_dist.checkpoint.tensors import ConvertError
 from ecdit_dist.config import ConfigError
 
 
@@ -91,6 +92,145 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not sys.stderr.isatty())
+    return bar, bar.update
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _report(result: dict, as_json: bool, dry_run: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=1, default=str))
+        return
+    if dry_run:
+        print("dry run, nothing written:")
+    for k, v in result.items():
+        if k != "tensors" or not isinstance(v, dict):
+            print(f"  {k}: {v}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ecdit_dist.checkpoint import convert as C
+    from ecdit_dist.checkpoint.tensors import open_source, total_bytes
+
+    op = args.op
+    if op == "inspect":
+        report = C.inspect(args.path, verify=not args.no_verify, ema=args.ema)
+        if args.json:
+            print(json.dumps(report, indent=1, default=str))
+            return 0 if report["matches_config"] is True else 1
+        for name, t in report["tensors"].items():
+            print(f"{name:60s} {str(tuple(t['shape'])):24s} {t['dtype']}")
+        print(f"{len(report['tensors'])} tensors, {report['total_params']:,} parameters, "
+              f"{report['total_bytes'] / 2**20:.1f} MiB")
+        if "verified_files" in report:
+            print(f"step {report['step']}, layout {report['layout']}; {report['verified_files']} files match "
+                  f"their sha256 in the manifest")
+        print("matches its config" if report["matches_config"] is True else f"PROBLEM: {report['matches_config']}")
+        return 0 if report["matches_config"] is True else 1
+    if op == "export":
+        total = total_bytes(open_source(args.checkpoint, ema=args.ema).infos.values())
+        bar, tick = _progress(total, "export")
+        with bar:
+            result = C.export(args.checkpoint, args.out, args.max_shard_size, _dtype(args.dtype), args.ema,
+                              args.dry_run, tick)
+    elif op == "import":
+        bar, tick = _progress(total_bytes(open_source(args.src).infos.values()), "import")
+        with bar:
+            result = C.import_(args.src, args.run_dir, args.dry_run, tick)
+    elif op == "merge":
+        tensor_weights = json.loads(Path(args.tensor_weights).read_text()) if args.tensor_weights else None
+        bar, tick = _progress(total_bytes(open_source(args.inputs[0], ema=args.ema).infos.values()), "merge")
+        with bar:
+            result = C.merge(args.inputs, args.out, args.weights, tensor_weights, args.max_shard_size,
+                             _dtype(args.dtype), args.ema, args.dry_run, tick)
+    elif op == "upcycle":
+        bar, tick = _progress(0, "upcycle")
+        with bar:
+            result = C.upcycle(args.src, args.out, args.experts, args.noise, args.router_std, args.seed,
+                               args.capacity_factor, args.max_shard_size, args.dry_run, tick)
+    else:  # deepspeed
+        result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run)
+    _report(result, args.json, args.dry_run)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="export, import, merge, upcycle and inspect checkpoints",
+                       description="Convert checkpoints. Every converter checks the tensors against the model's "
+                                   "config and fails naming missing, leftover or mis-shaped tensors.")
+    ops = c.add_subparsers(dest="op", required=True, metavar="OP")
+
+    def common(p, writes: bool = True):
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        if writes:
+            p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
+            p.add_argument("--max-shard-size", default="5GB", help="split output files at this size (e.g. 2GB; 0 = one file)")
+        p.set_defaults(func=_cmd_convert)
+
+    e = ops.add_parser("export", help="training checkpoint -> consolidated safetensors + config.json",
+                       description="Stream a training checkpoint (any layout) into consolidated safetensors, "
+                                   "one tensor in memory at a time.")
+    e.add_argument("--checkpoint", required=True, help="run folder (newest valid checkpoint) or checkpoints/step-N")
+    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast floating tensors")
+    e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
+    common(e)
+
+    i = ops.add_parser("import", help="consolidated safetensors -> a training checkpoint any layout starts from",
+                       description="Write consolidated weights as a step-0 checkpoint in RUN_DIR; `ecdit train` with "
+                                   "run.dir=RUN_DIR on any layout then starts from them (fresh optimizer).")
+    i.add_argument("--src", required=True, help="folder with *.safetensors (+ index) and config.json, or one file")
+    i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in")
+    common(i)
+    i.set_defaults(max_shard_size=None)
+
+    m = ops.add_parser("merge", help="average checkpoints, or re-shard / join one",
+                       description="Weighted average of checkpoints with identical architectures, tensor by tensor. "
+                                   "With one input it re-shards (e.g. --max-shard-size 0 joins shards into one file).")
+    m.add_argument("inputs", nargs="+", help="training checkpoints or consolidated safetensors")
+    m.add_argument("--out", required=True)
+    m.add_argument("--weights", type=float, nargs="+", help="one weight per input (default: equal)")
+    m.add_argument("--tensor-weights", help='JSON file {"glob pattern": [w1, w2, ...]}; first match wins')
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    m.add_argument("--ema", action="store_true", help="read the EMA weights of training checkpoints")
+    common(m)
+
+    u = ops.add_parser("upcycle", help="dense checkpoint -> EC-DiT with n experts per MoE layer",
+                       description="Each expert of a MoE layer starts as a copy of that layer's dense FFN "
+                                   "(plus optional noise); the router starts random.")
+    u.add_argument("--src", required=True, help="dense training checkpoint or consolidated safetensors")
+    u.add_argument("--out", required=True)
+    u.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
+    u.add_argument("--noise", type=float, default=0.0, help="noise std, relative to each weight's std (default 0)")
+    u.add_argument("--router-std", type=float, default=0.02, help="std of the new router weights")
+    u.add_argument("--capacity-factor", type=float, default=None, help="set moe.capacity_factor of the new model")
+    u.add_argument("--seed", type=int, default=0)
+    common(u)
+
+    n = ops.add_parser("inspect", help="tensors, shapes, dtypes, totals, checksum verification")
+    n.add_argument("path", help="training checkpoint (run or step folder) or consolidated safetensors")
+    n.add_argument("--ema", action="store_true", help="list the EMA tensors")
+    n.add_argument("--no-verify", action="store_true", help="skip the sha256 verification")
+    common(n, writes=False)
+
+    d = ops.add_parser("deepspeed", help="DeepSpeed ZeRO checkpoint (no expert parallelism) -> consolidated",
+                       description="Consolidate a DeepSpeed ZeRO stage 1-3 checkpoint of an ECDiT through "
+                                   "deepspeed's zero_to_fp32 reader.")
+    d.add_argument("--checkpoint", required=True, help="the DeepSpeed checkpoint folder (holding 'latest')")
+    d.add_argument("--config", required=True, help="the run config of the model")
+    d.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
+    d.add_argument("--out", required=True)
+    common(d)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecdit", description="Train, inspect and sample EC-DiT models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -127,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--out", default="samples.png", help="output PNG path")
     s.set_defaults(func=_cmd_sample)
+
+    _add_convert(sub)
     return p
 
 
@@ -142,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ConvertError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

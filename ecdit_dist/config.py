@@ -282,6 +282,11 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
     resume: bool = True
     """Resume from the newest complete checkpoint in run.dir when one exists."""
+    async_save: bool = False
+    """Write checkpoints in the background: training waits only for the copy to host memory."""
+    verify: Literal["sha256", "size"] = "sha256"
+    """How a checkpoint is checked against its manifest before resuming: every file's sha256,
+    or only the sizes (faster for very large checkpoints)."""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_every < 0:

@@ -122,14 +122,16 @@ class Trainer:
         state: dict[str, Any] = {
             "model": get_model_state_dict(self.model),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
-            "trainer": {"step": torch.tensor(self.step)},
+            # per-sample randomness is keyed by (seed, step, index); the global RNG is kept for completeness
+            "trainer": {"step": torch.tensor(self.step), "rng": torch.get_rng_state()},
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
 
     def resume(self) -> bool:
-        folder = self.checkpoints.latest_valid() if self.cfg.checkpoint.resume else None
+        folder = (self.checkpoints.latest_valid(full_verify=self.cfg.checkpoint.verify == "sha256")
+                  if self.cfg.checkpoint.resume else None)
         if folder is None:
             return False
         saved = read_meta(folder).get("config", {})
@@ -141,20 +143,32 @@ class Trainer:
                               f"use another run.dir or set checkpoint.resume=false")
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state = self.state()
+        meta = read_meta(folder)
+        contents = set(meta.get("contents", ["model", "optim", "trainer", "ema"]))
+        state = {k: v for k, v in self.state().items() if k in contents}
+        if "trainer" in state and "rng" not in meta.get("trainer_keys", ["step", "rng"]):
+            state["trainer"].pop("rng")
         self.checkpoints.load(folder, state)
         set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if "optim" in state:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if self.ema is not None and "ema" not in state:      # weights-only checkpoint: EMA starts at the weights
+            self.ema = EMA(self.model, self.cfg.optim.ema_decay)
         self.step = int(state["trainer"]["step"])
+        if "rng" in state["trainer"]:
+            torch.set_rng_state(state["trainer"]["rng"])
         if self.is_main:
-            print(f"resumed from {folder} at step {self.step}", flush=True)
+            kind = "" if "optim" in state else " (weights only: fresh optimizer state)"
+            print(f"resumed from {folder} at step {self.step}{kind}", flush=True)
         return True
 
-    def save(self) -> Path:
-        meta = {"config": self.cfg.to_dict(), "data": {"position": self.step * self.cfg.train.global_batch_size},
+    def save(self, async_save: bool = False) -> Path:
+        state = self.state()
+        meta = {"config": self.cfg.to_dict(), "contents": sorted(state), "trainer_keys": sorted(state["trainer"]),
+                "data": {"position": self.step * self.cfg.train.global_batch_size},
                 "layout": {"world": self.dims.world, "dp_replicate": self.dims.dp_replicate,
                            "dp_shard": self.dims.dp_shard, "tp": self.dims.tp, "ep": self.dims.ep}}
-        return self.checkpoints.save(self.step, self.state(), meta)
+        return self.checkpoints.save(self.step, state, meta, async_save=async_save)
 
     # ------------------------------------------------------------------ one step
     def batch(self, step: int):
@@ -269,8 +283,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     t0, n0 = time.perf_counter(), self.step
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.train.steps:
-                    self.save()
+                    self.save(async_save=cfg.checkpoint.async_save)
                 bar.update(1)
+            self.checkpoints.wait()
             if self.step not in self.checkpoints.committed_steps():
                 self.save()
             if cfg.sample.at_end:

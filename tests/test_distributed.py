@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ecdit_dist.parallel.local import run_ranks
-from workers import EQUIV, QUIET, TINY, collect, dead_peer, equivalence, moe_layer
+from workers import EQUIV, QUIET, TINY, cli_train, collect, dead_peer, equivalence, moe_layer
 
 pytestmark = pytest.mark.slow
 
@@ -128,10 +128,15 @@ def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 1
     (["parallel.tp=2", "moe.group_size=512"], "moe.group_size (512) must divide the tokens each rank routes"),
 ])
 def test_bad_layout_fails_on_every_rank_without_hanging(overrides, message, tmp_path):
-    out = _torchrun(4, overrides, tmp_path)
-    assert out.returncode != 0
-    for rank in range(4):
-        assert f"error (rank {rank}): " in out.stderr and message in out.stderr, out.stderr[-2000:]
+    argv = ["--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
+    results = run_ranks(cli_train, 4, tmp_path / "ranks", argv, timeout=120)
+    for rank, (code, err) in enumerate(results):
+        assert code == 2 and f"error (rank {rank}): " in err and message in err, (rank, err)
+
+
+def test_bad_layout_under_torchrun_exits_with_the_message(tmp_path):
+    out = _torchrun(4, ["parallel.ep=3"], tmp_path)
+    assert out.returncode != 0 and "parallel.ep (3) must divide moe.num_experts (4)" in out.stderr
 
 
 def test_torchrun_entry_writes_global_mean_loss(tmp_path):

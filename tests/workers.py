@@ -145,3 +145,50 @@ def dead_peer(rank: int, world: int, run_dir: str) -> None:
     if rank == 1:
         os._exit(0)
     trainer.train_step(1)   # must raise
+
+
+def train_layout(rank: int, world: int, run_dir: str, overrides: list[str], steps: int) -> None:
+    """Train (or resume) to `steps` on this layout, as `ecdit train` would."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    trainer = Trainer(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET]))
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        trainer.close(clean=ok)
+
+
+def crash_during_commit(rank: int, world: int, run_dir: str) -> None:
+    """Die (like a killed process) while the second checkpoint is being committed."""
+    import ecdit_dist.checkpoint.manager as manager
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    real = manager.write_manifest
+    calls = []
+
+    def dying(folder):
+        calls.append(folder)
+        if len(calls) == 2:
+            os._exit(3)
+        return real(folder)
+
+    manager.write_manifest = dying
+    cfg = load_config(TINY, [f"run.dir={run_dir}", "train.steps=3", *QUIET, "checkpoint.interval=1", "logging.interval=1"])
+    Trainer(cfg).fit()
+
+
+def cli_train(rank: int, world: int, argv: list[str]) -> tuple[int, str]:
+    """`ecdit train` in this rank: (exit status, stderr)."""
+    import contextlib
+    import io
+
+    from ecdit_dist.train import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, err.getvalue()

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,10 +142,15 @@ class CheckpointManager:
         self.dist = dist or Dist()
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collective: every rank passes its state; rank 0 commits. Returns the committed folder."""
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], async_save: bool = False) -> Path:
+        """Collective: every rank passes its state; rank 0 commits. Returns the (future) committed folder.
+
+        With `async_save` the call returns once the state is copied to host memory; the files are
+        written and committed in the background, and the next save (or `wait()`) waits for that.
+        """
         import torch.distributed.checkpoint as dcp
 
+        self.wait()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.dist.rank == 0:
@@ -155,22 +161,53 @@ class CheckpointManager:
         self.dist.barrier()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(state, checkpoint_id=str(tmp))
-        self.dist.barrier()
-        if self.dist.rank == 0:
-            atomic_write_text(tmp / META, json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
-            write_manifest(tmp)
-            if final.exists():       # re-saving a step (e.g. after a resume): keep the newer copy
-                old = self.root / f".old-{step_dir_name(step)}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            atomic_write_text(self.root / "latest", final.name + "\n")
-            self._retain()
-        self.dist.barrier()
+            if not async_save:
+                dcp.save(state, checkpoint_id=str(tmp))
+            else:
+                future = dcp.async_save(state, checkpoint_id=str(tmp))
+        if not async_save:
+            self.dist.barrier()
+            if self.dist.rank == 0:
+                self._commit(step, meta, tmp, final)
+            self.dist.barrier()
+            return final
+
+        def finish() -> None:   # background: the write completes, then rank 0 commits
+            try:
+                future.result()
+                if self.dist.rank == 0:
+                    self._commit(step, meta, tmp, final)
+            except BaseException as e:  # reported by wait()
+                self._error = e
+
+        self._error: BaseException | None = None
+        self._pending = threading.Thread(target=finish, name=f"checkpoint-{step}", daemon=False)
+        self._pending.start()
         return final
+
+    def wait(self) -> None:
+        """Block until a background save has been written and committed (collective)."""
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        pending.join()
+        self._pending = None
+        self.dist.barrier()
+        if self._error is not None:
+            raise CheckpointError(f"background checkpoint save failed: {self._error}") from self._error
+
+    def _commit(self, step: int, meta: dict[str, Any], tmp: Path, final: Path) -> None:
+        atomic_write_text(tmp / META, json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+        write_manifest(tmp)
+        if final.exists():       # re-saving a step (e.g. after a resume): keep the newer copy
+            old = self.root / f".old-{step_dir_name(step)}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        self._retain()
 
     def _retain(self) -> None:
         steps = sorted(self.committed_steps())

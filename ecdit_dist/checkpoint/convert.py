@@ -1,0 +1,317 @@
+"""Checkpoint conversions: export, import, merge, upcycle, inspect, DeepSpeed ZeRO.
+
+Every conversion checks the tensors it reads against the model that the config describes
+and fails naming missing, leftover and mis-shaped tensors before it writes anything.
+Outputs are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ecdit_dist.checkpoint.manager import CheckpointManager, read_meta, verify_checkpoint
+from ecdit_dist.checkpoint.tensors import (
+    ConvertError, DCPSource, SafetensorsSource, StagingBuffer, TensorInfo, check_keys, expected_tensors,
+    open_source, parse_size, total_bytes, write_safetensors,
+)
+
+CONFIG_JSON = "config.json"
+FORMAT = "ecdit-dist/consolidated-v1"
+Progress = Callable[[int], None]
+
+
+def _arch(config: dict[str, Any]) -> tuple[dict, dict]:
+    try:
+        return dict(config["model"]), dict(config.get("moe", {}))
+    except (KeyError, TypeError):
+        raise ConvertError("the config has no 'model' section") from None
+
+
+def source_config(path: Path, src) -> dict[str, Any]:
+    """The architecture of a source: meta.json of a training checkpoint or config.json next to safetensors."""
+    if isinstance(src, DCPSource):
+        config = read_meta(src.folder)["config"]
+    else:
+        folder = path if path.is_dir() else path.parent
+        cfg_path = folder / CONFIG_JSON
+        if not cfg_path.exists():
+            raise ConvertError(f"{cfg_path} not found: consolidated weights need their config.json")
+        config = json.loads(cfg_path.read_text())
+    model, moe = _arch(config)
+    return {"model": model, "moe": moe}
+
+
+def _write_config(out: Path, config: dict[str, Any], extra: dict[str, Any]) -> None:
+    body = {"format": FORMAT, "model": config["model"], "moe": config["moe"], **extra}
+    tmp = out / f".{CONFIG_JSON}.tmp"
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
+    os.replace(tmp, out / CONFIG_JSON)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _out_infos(infos: dict[str, TensorInfo], dtype: torch.dtype | None) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(v.shape, dtype if dtype is not None and v.dtype.is_floating_point else v.dtype)
+            for k, v in infos.items()}
+
+
+# ------------------------------------------------------------------------------------ export
+def export(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB", dtype: torch.dtype | None = None,
+           ema: bool = False, dry_run: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Training checkpoint -> consolidated safetensors + config.json, one tensor in memory at a time."""
+    src = open_source(checkpoint, ema=ema)
+    if not isinstance(src, DCPSource):
+        raise ConvertError(f"{checkpoint} is not a training checkpoint (no .metadata / checkpoints/)")
+    config = source_config(Path(checkpoint), src)
+    check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+    infos = _out_infos(src.infos, dtype)
+    plan = {"source": src.describe(), "tensors": len(infos), "bytes": total_bytes(infos.values()),
+            "max_shard_bytes": parse_size(max_shard_size), "out": str(out)}
+    if dry_run:
+        return plan
+    out = Path(out)
+    staging = StagingBuffer(max(i.nbytes for i in src.infos.values()))
+    shards = write_safetensors(out, infos, lambda n: _cast(src.load(n, staging.view(src.infos[n])), dtype),
+                               plan["max_shard_bytes"], {"format": "pt", "source": FORMAT}, progress)
+    _write_config(out, config, {"weights": "ema" if ema else "model", "step": read_meta(src.folder).get("step")})
+    return {**plan, "files": [s.file for s in shards]}
+
+
+# ------------------------------------------------------------------------------------ import
+def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
+            progress: Progress | None = None) -> dict[str, Any]:
+    """Consolidated safetensors + config.json -> a weights-only training checkpoint at step 0 in
+    `run_dir`; training with that run.dir (any layout) starts from these weights with a fresh
+    optimizer. Holds the model once in memory (DCP writes a whole state at once)."""
+    src = SafetensorsSource(src_path)
+    config = source_config(Path(src_path), src)
+    check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+    plan = {"source": src.describe(), "tensors": len(src.infos), "bytes": total_bytes(src.infos.values()),
+            "out": str(Path(run_dir) / "checkpoints" / "step-00000000")}
+    if dry_run:
+        return plan
+    weights = {}
+    for name, info in src.infos.items():
+        weights[name] = src.load(name)
+        if progress:
+            progress(info.nbytes)
+    state = {"model": weights, "ema": {k: v.float() for k, v in weights.items()},
+             "trainer": {"step": torch.tensor(0)}}
+    meta = {"config": config, "contents": ["ema", "model", "trainer"], "trainer_keys": ["step"],
+            "imported_from": str(src_path)}
+    CheckpointManager(run_dir).save(0, state, meta)
+    return plan
+
+
+# ------------------------------------------------------------------------------------ merge
+def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None = None,
+          tensor_weights: dict[str, list[float]] | None = None, max_shard_size: str = "5GB",
+          dtype: torch.dtype | None = None, ema: bool = False, dry_run: bool = False,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Weighted average of checkpoints (default: equal weights), tensor by tensor.
+
+    `tensor_weights` maps glob patterns of tensor names to per-input weights (first match
+    wins). With one input this re-shards (e.g. joins shards into one file: max_shard_size 0).
+    """
+    if not inputs:
+        raise ConvertError("merge needs at least one input")
+    sources = [open_source(p, ema=ema) for p in inputs]
+    configs = [source_config(Path(p), s) for p, s in zip(inputs, sources)]
+    for p, c in zip(inputs[1:], configs[1:]):
+        if c != configs[0]:
+            raise ConvertError(f"{p} has another architecture than {inputs[0]}; only equal models can be merged")
+    expected = expected_tensors(configs[0]["model"], configs[0]["moe"])
+    for s in sources:
+        check_keys(s.infos, expected, s.describe())
+    n = len(sources)
+    weights = list(weights) if weights is not None else [1.0 / n] * n
+    if len(weights) != n:
+        raise ConvertError(f"--weights has {len(weights)} values for {n} inputs")
+    for pattern, ws in (tensor_weights or {}).items():
+        if len(ws) != n:
+            raise ConvertError(f"tensor weights for {pattern!r} have {len(ws)} values for {n} inputs")
+
+    def weights_for(name: str) -> list[float]:
+        for pattern, ws in (tensor_weights or {}).items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return ws
+        return weights
+
+    infos = _out_infos(sources[0].infos, dtype)
+    plan = {"inputs": [s.describe() for s in sources], "weights": weights, "tensors": len(infos),
+            "bytes": total_bytes(infos.values()), "out": str(out)}
+    if dry_run:
+        return plan
+
+    def produce(name: str) -> torch.Tensor:
+        ws = weights_for(name)
+        first = sources[0].load(name)
+        if not first.is_floating_point():
+            for s in sources[1:]:
+                if not torch.equal(s.load(name), first):
+                    raise ConvertError(f"{name} is not floating point and differs between inputs")
+            return first
+        if n == 1 and ws[0] == 1.0:
+            return _cast(first, dtype)
+        acc = first.double() * ws[0]
+        for s, w in zip(sources[1:], ws[1:]):
+            acc += s.load(name).double() * w
+        return acc.to(dtype or first.dtype)
+
+    out = Path(out)
+    shards = write_safetensors(out, infos, produce, parse_size(max_shard_size),
+                               {"format": "pt", "source": FORMAT}, progress)
+    _write_config(out, configs[0], {"merged_from": [str(p) for p in inputs], "merge_weights": weights})
+    return {**plan, "files": [s.file for s in shards]}
+
+
+# ------------------------------------------------------------------------------------ upcycle
+def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: float = 0.0, router_std: float = 0.02,
+            seed: int = 0, capacity_factor: float | None = None, max_shard_size: str = "5GB",
+            dry_run: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Dense checkpoint -> EC-DiT with `num_experts` experts per MoE layer.
+
+    Every expert of a MoE layer starts as a copy of that layer's dense FFN (w1 (d_ff, d) ->
+    experts.w1[e] (d, d_ff), w2 (d, d_ff) -> experts.w2[e] (d_ff, d)), optionally plus Gaussian
+    noise of `noise` x the weight's standard deviation; the router starts at N(0, router_std).
+    With zero noise an upcycled layer returns, for each token, (sum of its gates) x the dense
+    FFN output.
+    """
+    if num_experts < 1:
+        raise ConvertError("--experts must be >= 1")
+    src = open_source(src_path)
+    config = source_config(Path(src_path), src)
+    if config["moe"].get("num_experts", 0):
+        raise ConvertError(f"{src_path} already has {config['moe']['num_experts']} experts; upcycle reads dense models")
+    check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+    new_moe = {**config["moe"], "num_experts": num_experts, "router": "expert_choice"}
+    if capacity_factor is not None:
+        new_moe["capacity_factor"] = capacity_factor
+    new_config = {"model": config["model"], "moe": new_moe}
+    expected = expected_tensors(new_config["model"], new_moe)
+
+    # every output tensor and the source tensor(s) it is made from
+    recipe: dict[str, tuple[str, str]] = {}
+    for name in expected:
+        if name.endswith(".ffn.experts.w1"):
+            recipe[name] = ("experts", name.replace(".ffn.experts.w1", ".ffn.w1.weight"))
+        elif name.endswith(".ffn.experts.w2"):
+            recipe[name] = ("experts", name.replace(".ffn.experts.w2", ".ffn.w2.weight"))
+        elif name.endswith(".ffn.router.weight"):
+            recipe[name] = ("router", "")
+        else:
+            recipe[name] = ("copy", name)
+    used = {s for kind, s in recipe.values() if kind != "router"}
+    leftover = sorted(set(src.infos) - used)
+    missing = sorted(s for s in used if s not in src.infos)
+    if leftover or missing:
+        raise ConvertError(f"upcycle of {src.describe()}: unused source tensors {leftover[:8]}, missing {missing[:8]}")
+    dtypes = {n: src.infos[s].dtype if kind != "router" else torch.float32 for n, (kind, s) in recipe.items()}
+    infos = {n: TensorInfo(tuple(expected[n]), dtypes[n]) for n in expected}
+    plan = {"source": src.describe(), "experts": num_experts, "tensors": len(infos),
+            "bytes": total_bytes(infos.values()), "out": str(out)}
+    if dry_run:
+        return plan
+    gen = torch.Generator().manual_seed(seed)
+
+    def produce(name: str) -> torch.Tensor:
+        kind, s = recipe[name]
+        if kind == "copy":
+            return src.load(s)
+        if kind == "router":
+            return torch.randn(expected[name], generator=gen) * router_std
+        dense = src.load(s).t()                                   # (d, d_ff) or (d_ff, d)
+        w = dense.unsqueeze(0).repeat(num_experts, 1, 1)          # (E, ., .)
+        if noise > 0:
+            std = dense.float().std()
+            w = w + (torch.randn(w.shape, generator=gen) * noise * std).to(w.dtype)
+        return w.contiguous()
+
+    out = Path(out)
+    shards = write_safetensors(out, infos, produce, parse_size(max_shard_size),
+                               {"format": "pt", "source": FORMAT}, progress)
+    _write_config(out, new_config, {"upcycled_from": str(src_path), "upcycle_noise": noise})
+    return {**plan, "files": [s.file for s in shards]}
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None):
+    """Build the ECDiT of a consolidated folder (config.json + safetensors) and load its weights."""
+    from ecdit_dist.config import config_from_dict
+    from ecdit_dist.model import ECDiT
+
+    src = SafetensorsSource(path)
+    config = source_config(Path(path), src)
+    check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+    cfg = config_from_dict(config, validate=False)
+    model = ECDiT(cfg.model, cfg.moe)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.load_state_dict({k: src.load(k) for k in src.infos})
+    return model
+
+
+# ------------------------------------------------------------------------------------ inspect
+def inspect(path: str | Path, verify: bool = True, ema: bool = False) -> dict[str, Any]:
+    """Tensors, shapes, dtypes and totals of a checkpoint; checksums verified for training checkpoints."""
+    path = Path(path)
+    src = open_source(path, ema=ema)
+    report: dict[str, Any] = {"path": str(path), "kind": "training" if isinstance(src, DCPSource) else "safetensors"}
+    if isinstance(src, DCPSource):
+        if verify:
+            manifest = verify_checkpoint(src.folder, full=True)
+            report["verified_files"] = len(manifest["files"])
+        meta = read_meta(src.folder)
+        report["step"] = meta.get("step")
+        report["layout"] = meta.get("layout")
+    report["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                         for k, v in src.infos.items()}
+    report["total_params"] = sum(math.prod(v.shape) for v in src.infos.values())
+    report["total_bytes"] = total_bytes(src.infos.values())
+    try:
+        config = source_config(path, src)
+        check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+        report["matches_config"] = True
+    except ConvertError as e:
+        report["matches_config"] = str(e)
+    return report
+
+
+# ------------------------------------------------------------------------------------ deepspeed
+def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path, tag: str | None = None,
+                   max_shard_size: str = "5GB", dry_run: bool = False, progress: Progress | None = None) -> dict:
+    """A DeepSpeed ZeRO (stage 1-3) checkpoint of an ECDiT without expert parallelism -> consolidated
+    safetensors, through deepspeed's own zero_to_fp32 reader."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise ConvertError("reading DeepSpeed checkpoints needs deepspeed (pip install 'ecdit-dist[deepspeed]')") from None
+    from ecdit_dist.config import load_config
+
+    cfg = load_config(config_path)
+    config = {"model": cfg.to_dict()["model"], "moe": cfg.to_dict()["moe"]}
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = expected_tensors(config["model"], config["moe"])
+    infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
+    check_keys(infos, expected, f"DeepSpeed checkpoint {ds_dir}")
+    plan = {"source": str(ds_dir), "tensors": len(infos), "bytes": total_bytes(infos.values()), "out": str(out)}
+    if dry_run:
+        return plan
+    out = Path(out)
+    infos = {k: infos[k] for k in expected}
+    shards = write_safetensors(out, infos, lambda n: state[n].contiguous(), parse_size(max_shard_size),
+                               {"format": "pt", "source": FORMAT}, progress)
+    _write_config(out, config, {"converted_from": f"deepspeed:{ds_dir}"})
+    return {**plan, "files": [s.file for s in shards]}
+
+
+__all__ = ["ConvertError", "export", "import_", "merge", "upcycle", "inspect", "from_deepspeed"]
