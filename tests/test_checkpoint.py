@@ -20,7 +20,7 @@ from ecdit_dist.config import load_config
 from ecdit_dist.metrics import read_metrics
 from ecdit_dist.parallel.local import run_ranks
 from ecdit_dist.train import Trainer
-from workers import EQUIV, QUIET, TINY, crash_during_commit, train_layout
+from workers import EQUIV, QUIET, TINY, crash_during_commit, deepspeed_checkpoint, train_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,3 +273,15 @@ def test_export_peak_memory_stays_near_the_largest_tensor(tmp_path):
     assert grown > largest                            # the probe does see the export's memory
     assert grown < 0.35 * model_bytes, (grown, model_bytes, largest)
     assert sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors")) > model_bytes
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_checkpoint_to_consolidated(stage, tmp_path):
+    weights = run_ranks(deepspeed_checkpoint, 2, tmp_path / "ranks", str(tmp_path / "ds"), stage, timeout=400)[0]
+    C.from_deepspeed(tmp_path / "ds", tmp_path / "out", TINY, max_shard_size="0")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got.keys() == weights.keys()
+    for k in weights:
+        assert torch.equal(got[k], weights[k].float()), k
+    model = C.load_model(tmp_path / "out")
+    assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in weights.values())

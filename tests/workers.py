@@ -192,3 +192,35 @@ def cli_train(rank: int, world: int, argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stderr(err):
         code = main(argv)
     return code, err.getvalue()
+
+
+def deepspeed_checkpoint(rank: int, world: int, ds_dir: str, stage: int) -> dict[str, Any]:
+    """Train the tiny model 2 steps under DeepSpeed ZeRO (CPU, gloo), save a DeepSpeed checkpoint
+    and return the engine's full weights."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    from ecdit_dist.config import load_config
+    from ecdit_dist.model import ECDiT
+
+    cfg = load_config(TINY)
+    torch.manual_seed(0)
+    model = ECDiT(cfg.model, cfg.moe)
+    deepspeed.init_distributed(dist_backend="gloo")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
+                "steps_per_print": 1000})
+    for _ in range(2):
+        x = torch.randn(2, 8, 16, 16)
+        out = engine(x, torch.rand(2), torch.randn(2, 16, 64), torch.ones(2, 16, dtype=torch.bool))
+        engine.backward(out.pow(2).mean())
+        engine.step()
+    engine.save_checkpoint(ds_dir, tag="step2")
+    if stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    else:
+        weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    return weights if rank == 0 else {}
