@@ -10,6 +10,7 @@ from pathlib import Path
 from ecdit_dist.checkpoint.manager import CheckpointError
 from ecdit_dist.checkpoint.tensors import ConvertError
 from ecdit_dist.config import ConfigError
+from ecdit_dist.data.storage import DataError
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -231,6 +232,78 @@ def _add_convert(sub) -> None:
     common(d)
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from ecdit_dist.data import tools
+
+    op = args.op
+    if op == "synth":
+        if args.dry_run:
+            result = {"out": args.out, "samples": args.num, "shards": -(-args.num // args.shard_rows)}
+        else:
+            bar, tick = _progress(args.num, "synth")
+            with bar:
+                result = tools.synth(args.out, args.num, args.latent_size, args.shard_rows, args.row_group,
+                                     args.seed, args.dtype, tick)
+    elif op == "encode":
+        from ecdit_dist.data.text import build_text_encoder
+
+        encoder = build_text_encoder(args.encoder, args.text_dim, args.text_len)
+        result = tools.encode(args.path, encoder, args.batch_size)
+    elif op == "stats":
+        result = tools.stats(args.path, on_error="skip" if args.skip_bad else "raise")
+    elif op == "upload":
+        result = tools.upload(args.src, args.dest)
+    else:
+        result = tools.verify(args.url, args.local, args.deep)
+    _report(result, args.json, getattr(args, "dry_run", False))
+    return 0
+
+
+def _add_data(sub) -> None:
+    d = sub.add_parser("data", help="make, encode, inspect and upload Parquet shards",
+                       description="Parquet shards of latents and captions (docs/DATA.md), on disk or in S3.")
+    ops = d.add_subparsers(dest="op", required=True, metavar="OP")
+
+    def common(p):
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.set_defaults(func=_cmd_data)
+
+    s = ops.add_parser("synth", help="write the embedded shapes dataset as shards")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--num", type=int, default=20000, help="samples (default 20000)")
+    s.add_argument("--latent-size", type=int, default=16, help="latent side (images are twice as wide)")
+    s.add_argument("--shard-rows", type=int, default=4096, help="rows per shard file")
+    s.add_argument("--row-group", type=int, default=256, help="rows per Parquet row group")
+    s.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="latent storage type")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
+    common(s)
+
+    e = ops.add_parser("encode", help="add text embeddings (text_emb, text_len) to local shards, in place")
+    e.add_argument("path", help="local folder of shards")
+    e.add_argument("--encoder", required=True, help='"tiny" or a local T5 encoder folder')
+    e.add_argument("--text-len", type=int, required=True, help="tokens per caption (pad / truncate)")
+    e.add_argument("--text-dim", type=int, default=64, help="width of the tiny encoder (T5: its d_model)")
+    e.add_argument("--batch-size", type=int, default=64)
+    common(e)
+
+    t = ops.add_parser("stats", help="counts, sizes, schema and metadata of a dataset")
+    t.add_argument("path", help="local folder or s3://bucket/prefix")
+    t.add_argument("--skip-bad", action="store_true", help="report unreadable shards instead of failing")
+    common(t)
+
+    u = ops.add_parser("upload", help="upload a folder to s3://bucket/prefix and verify it")
+    u.add_argument("src", help="local folder")
+    u.add_argument("dest", help="s3://bucket/prefix")
+    common(u)
+
+    v = ops.add_parser("verify", help="check objects in S3 against a local folder or their recorded sha256")
+    v.add_argument("url", help="s3://bucket/prefix")
+    v.add_argument("--local", default=None, help="local folder the objects came from")
+    v.add_argument("--deep", action="store_true", help="re-hash every object by reading it back")
+    common(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecdit", description="Train, inspect and sample EC-DiT models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -269,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_sample)
 
     _add_convert(sub)
+    _add_data(sub)
     return p
 
 
@@ -284,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, CheckpointError, ConvertError) as e:
+    except (FileNotFoundError, CheckpointError, ConvertError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

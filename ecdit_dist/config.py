@@ -237,6 +237,26 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
+    path: Optional[str] = None
+    """Parquet shards: a local folder or s3://bucket/prefix (docs/DATA.md); null = the embedded
+    shapes data generated on the fly."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A shard that cannot be read (truncated, corrupt, wrong schema): stop with an error naming it,
+    or leave it out of the dataset, count it and report it in the metrics."""
+    text_encoder: str = "tiny"
+    """"tiny" (the embedded word encoder) or the path of a local T5 encoder folder
+    (config.json, model.safetensors, spiece.model)."""
+    text_source: Literal["auto", "online", "precomputed"] = "auto"
+    """Encode captions in the training step, or read the shards' text_emb column; auto = use
+    text_emb when every shard has it."""
+    shuffle_window: int = 16
+    """Row groups whose samples are shuffled together (after the row groups are shuffled)."""
+    prefetch: int = 2
+    """Steps of data loaded ahead in a background thread (0 = none)."""
+    cache_row_groups: int = 64
+    """Decoded row groups kept in memory per rank."""
+    retries: int = 5
+    """Attempts per S3 request (exponential backoff)."""
     num_samples: int = 20000
     """Embedded data: images per epoch."""
     image_size: Optional[int] = None
@@ -246,7 +266,9 @@ class DataConfig:
     """Embedded data: seed of the image/caption generator."""
 
     def __post_init__(self) -> None:
-        _positive(self, "data", ("num_samples",))
+        _positive(self, "data", ("num_samples", "shuffle_window", "cache_row_groups", "retries"))
+        if self.prefetch < 0:
+            raise ConfigError("data.prefetch must be >= 0")
         if self.image_size is not None and (self.image_size <= 0 or self.image_size % 2):
             raise ConfigError(f"data.image_size must be a positive even number or null, got {self.image_size}")
 
@@ -284,6 +306,9 @@ class CheckpointConfig:
     """Resume from the newest complete checkpoint in run.dir when one exists."""
     async_save: bool = False
     """Write checkpoints in the background: training waits only for the copy to host memory."""
+    mirror: Optional[str] = None
+    """s3://bucket/prefix: upload every committed checkpoint there (sha256-verified), and resume
+    from there when run.dir has no valid checkpoint."""
     verify: Literal["sha256", "size"] = "sha256"
     """How a checkpoint is checked against its manifest before resuming: every file's sha256,
     or only the sizes (faster for very large checkpoints)."""
@@ -372,11 +397,11 @@ class Config:
                     f"moe.group_size ({self.moe.group_size}) must divide the tokens each rank routes: "
                     f"micro batch {micro} x {self.model.train_tokens_per_image} tokens/image / tp {tp} = "
                     f"{tokens / tp:g}; valid group sizes: {_divisors(tokens // tp) if tokens % tp == 0 else 'none'}")
-        if self.data.image_size not in (None, 2 * self.model.latent_size):
+        if self.data.path is None and self.data.image_size not in (None, 2 * self.model.latent_size):
             raise ConfigError(f"the embedded data makes latents of data.image_size / 2 = {self.data.image_size // 2}"
                               f" but model.latent_size is {self.model.latent_size}; set data.image_size="
                               f"{2 * self.model.latent_size}")
-        if self.model.in_channels != 8:
+        if self.data.path is None and self.model.in_channels != 8:
             raise ConfigError(f"the embedded data has 8 latent channels; model.in_channels is "
                               f"{self.model.in_channels}")
 

@@ -10,8 +10,9 @@ import torch
 
 from ecdit_dist.checkpoint.manager import CheckpointError, CheckpointManager, read_meta, verify_checkpoint
 from ecdit_dist.config import Config, config_from_dict
-from ecdit_dist.data.shapes import ShapesSource
-from ecdit_dist.data.text import TinyTextEncoder
+from ecdit_dist.data.shapes import ShapesSource, ToyVAE
+from ecdit_dist.data.storage import DataError
+from ecdit_dist.data.text import TextEncoder, build_text_encoder
 from ecdit_dist.model import ECDiT
 
 
@@ -19,7 +20,7 @@ from ecdit_dist.model import ECDiT
 class SamplingBundle:
     cfg: Config
     model: ECDiT
-    text_encoder: TinyTextEncoder
+    text_encoder: TextEncoder
     decode: Callable[[torch.Tensor], torch.Tensor]
     checkpoint: Path
 
@@ -45,6 +46,16 @@ def load_for_sampling(path: str | Path, use_ema: bool = True) -> SamplingBundle:
     CheckpointManager.load(folder, state)
     model.load_state_dict(state[key])
     model.eval()
-    source = ShapesSource(cfg.data.num_samples, 2 * cfg.model.latent_size, cfg.data.seed)
-    text_encoder = TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len)
-    return SamplingBundle(cfg=cfg, model=model, text_encoder=text_encoder, decode=source.vae.decode, checkpoint=folder)
+    if cfg.data.path is None:
+        decode = ShapesSource(cfg.data.num_samples, 2 * cfg.model.latent_size, cfg.data.seed).vae.decode
+    else:
+        import numpy as np
+
+        from ecdit_dist.data.shards import DatasetIndex
+
+        vae = DatasetIndex.build(cfg.data.path, on_error="skip", retries=cfg.data.retries).meta.get("toy_vae")
+        if not vae:
+            raise DataError(f"the shards in {cfg.data.path} do not say how to decode their latents (no toy_vae)")
+        decode = ToyVAE(np.array(vae["mean"]), np.array(vae["std"])).decode
+    text_encoder = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.model.text_len)
+    return SamplingBundle(cfg=cfg, model=model, text_encoder=text_encoder, decode=decode, checkpoint=folder)

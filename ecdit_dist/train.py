@@ -19,10 +19,9 @@ import torch.distributed as dist
 
 from ecdit_dist.checkpoint.manager import CheckpointManager, Dist, read_meta
 from ecdit_dist.config import Config, ConfigError, dump_config, load_config
-from ecdit_dist.data.sampler import EpochPermutation, rank_positions
-from ecdit_dist.data.shapes import ShapesSource
-from ecdit_dist.data.text import TinyTextEncoder
-from ecdit_dist.diffusion import draw_training_randomness, interpolate, velocity_target
+from ecdit_dist.data.pipeline import DataPipeline
+from ecdit_dist.data.storage import DataError
+from ecdit_dist.diffusion import interpolate, velocity_target
 from ecdit_dist.metrics import MetricsLogger
 from ecdit_dist.model import ECDiT, patchify
 from ecdit_dist.model.moe import TokenChoiceMoE
@@ -69,11 +68,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
-        self.source = ShapesSource(cfg.data.num_samples, 2 * cfg.model.latent_size, cfg.data.seed)
-        self.text_encoder = TinyTextEncoder(cfg.model.text_dim, cfg.model.text_len)
-        self.permutation = EpochPermutation(len(self.source), cfg.seed)
+        self.data = DataPipeline(cfg, self.device, self.dp_rank, self.dp_size)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
-                                             self._dist_ops())
+                                             self._dist_ops(), mirror=cfg.checkpoint.mirror)
         self.step = 0
 
     def build_model(self) -> ECDiT:
@@ -130,8 +127,18 @@ class Trainer:
         return state
 
     def resume(self) -> bool:
-        folder = (self.checkpoints.latest_valid(full_verify=self.cfg.checkpoint.verify == "sha256")
-                  if self.cfg.checkpoint.resume else None)
+        if not self.cfg.checkpoint.resume:
+            return False
+        full = self.cfg.checkpoint.verify == "sha256"
+        folder = self.checkpoints.latest_valid(full_verify=full)
+        if folder is None and self.cfg.checkpoint.mirror:
+            if self.is_main:
+                fetched = self.checkpoints.fetch_from_mirror(full)
+                if fetched is not None:
+                    print(f"fetched {fetched.name} from {self.cfg.checkpoint.mirror}", flush=True)
+            if self.dims.world > 1:
+                dist.barrier()
+            folder = self.checkpoints.latest_valid(full_verify=full)
         if folder is None:
             return False
         saved = read_meta(folder).get("config", {})
@@ -165,7 +172,7 @@ class Trainer:
     def save(self, async_save: bool = False) -> Path:
         state = self.state()
         meta = {"config": self.cfg.to_dict(), "contents": sorted(state), "trainer_keys": sorted(state["trainer"]),
-                "data": {"position": self.step * self.cfg.train.global_batch_size},
+                "data": self.data.state(self.step),
                 "layout": {"world": self.dims.world, "dp_replicate": self.dims.dp_replicate,
                            "dp_shard": self.dims.dp_shard, "tp": self.dims.tp, "ep": self.dims.ep}}
         return self.checkpoints.save(self.step, state, meta, async_save=async_save)
@@ -173,16 +180,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def batch(self, step: int):
         """This rank's samples of global step `step`: latents, text, mask and the per-sample draws."""
-        cfg, mcfg = self.cfg, self.cfg.model
-        gb = cfg.train.global_batch_size
-        positions = rank_positions(step, gb, self.dp_rank, self.dp_size)
-        latents, captions = self.source.batch(self.permutation(positions))
-        text, text_mask = self.text_encoder.encode(captions)
-        slot = positions - step * gb                        # global sample index within the step
-        draws = draw_training_randomness(cfg.seed, step, slot.tolist(), self.source.latent_shape,
-                                         mcfg.tokens_per_image, mcfg.train_tokens_per_image,
-                                         cfg.diffusion.t_mean, cfg.diffusion.t_std, cfg.diffusion.text_dropout)
-        return latents, text, text_mask, draws
+        b = self.data.load(step)
+        self.last_ids = b["ids"]
+        return b["latents"], b["text"], b["text_mask"], b["draws"]
 
     def forward_loss(self, x, text, text_mask, noise, t, keep, drop) -> torch.Tensor:
         """Per-sample velocity MSE on the kept tokens, (b,)."""
@@ -277,6 +277,8 @@ class Trainer:
                     rate = (self.step - n0) / max(elapsed, 1e-9)
                     last = {k: float(v) for k, v in values.items()}
                     last.update(self.routing_metrics())
+                    if self.data.skipped:
+                        last["data/skipped_shards"] = len(self.data.skipped)
                     last["steps_per_s"] = rate
                     last["images_per_s"] = rate * cfg.train.global_batch_size
                     logger.log(self.step, last)
@@ -309,6 +311,7 @@ class Trainer:
         return full if self.is_main else None
 
     def sample_grid(self, path: Path) -> Path | None:
+        from ecdit_dist.data.text import build_text_encoder
         from ecdit_dist.sample import sample_grid
 
         cfg = self.cfg
@@ -323,13 +326,18 @@ class Trainer:
                 return None
             model = ECDiT(cfg.model, cfg.moe).to(self.device)
             model.load_state_dict(weights)
-        return sample_grid(model, self.text_encoder, self.source.vae.decode, cfg.sample.prompts,
-                           cfg.sample.per_prompt, cfg.sample.steps, cfg.sample.cfg_scale, cfg.seed, path,
-                           self.autocast_dtype)
+        if self.data.decode is None:
+            print("sample grid skipped: the shards do not say how to decode their latents", flush=True)
+            return None
+        encoder = self.data.text_encoder or build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim,
+                                                               cfg.model.text_len, self.device)
+        return sample_grid(model, encoder, self.data.decode, cfg.sample.prompts, cfg.sample.per_prompt,
+                           cfg.sample.steps, cfg.sample.cfg_scale, cfg.seed, path, self.autocast_dtype)
 
     def close(self, clean: bool = True) -> None:
         """Leave the process group; wait for the other ranks only after a successful run (after a
         failure they may never arrive)."""
+        self.data.close()
         if self.dims.world > 1 and dist.is_initialized():
             if clean:
                 dist.barrier()
@@ -369,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             env.setdefault("OMP_NUM_THREADS", "1")
             os.execvpe(cmd[0], cmd, env)
         trainer = Trainer(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr)
         return 2

@@ -224,3 +224,26 @@ def deepspeed_checkpoint(rank: int, world: int, ds_dir: str, stage: int) -> dict
     else:
         weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     return weights if rank == 0 else {}
+
+
+def train_collect_ids(rank: int, world: int, run_dir: str, overrides: list[str], steps: int) -> list[tuple[int, list]]:
+    """Train to `steps` (resuming if run_dir has a checkpoint); return (step, sample ids) this rank trained on."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    seen: list[tuple[int, list]] = []
+
+    class Recording(Trainer):
+        def batch(self, step):
+            out = super().batch(step)
+            seen.append((step, self.last_ids.tolist()))
+            return out
+
+    trainer = Recording(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET]))
+    ok = False
+    try:
+        trainer.fit()
+        ok = True
+    finally:
+        trainer.close(clean=ok)
+    return seen

@@ -135,11 +135,13 @@ class Dist:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_every: int = 0, dist: Dist | None = None) -> None:
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, keep_every: int = 0, dist: Dist | None = None,
+                 mirror: str | None = None) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.dist = dist or Dist()
+        self.mirror = mirror.rstrip("/") + "/checkpoints" if mirror else None
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any], async_save: bool = False) -> Path:
@@ -208,6 +210,8 @@ class CheckpointManager:
         _fsync_dir(self.root)
         atomic_write_text(self.root / "latest", final.name + "\n")
         self._retain()
+        if self.mirror:
+            self._upload(final)
 
     def _retain(self) -> None:
         steps = sorted(self.committed_steps())
@@ -219,6 +223,59 @@ class CheckpointManager:
                 shutil.rmtree(self.root / step_dir_name(s), ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ object-storage mirror
+    def _upload(self, folder: Path) -> None:
+        """Copy a committed checkpoint to the mirror: data files, then the manifest, then `latest`;
+        each object is checked (size and sha256) before the next step; stale steps are removed."""
+        from ecdit_dist.data.storage import S3Storage
+
+        s3 = S3Storage()
+        manifest = json.loads((folder / MANIFEST).read_text())
+        remote = f"{self.mirror}/{folder.name}"
+        for name, entry in manifest["files"].items():
+            s3.put_file(folder / name, f"{remote}/{name}", entry["sha256"])
+            head = s3.head(f"{remote}/{name}")
+            if head["ContentLength"] != entry["size"] or head.get("Metadata", {}).get("sha256") != entry["sha256"]:
+                raise CheckpointError(f"mirror upload of {folder / name} to {remote}/{name} did not verify")
+        s3.put_file(folder / MANIFEST, f"{remote}/{MANIFEST}")
+        s3.put_bytes(f"{self.mirror}/latest", (folder.name + "\n").encode())
+        keep = {step_dir_name(s) for s in self.committed_steps()}
+        for obj in s3.list(self.mirror + "/"):
+            step_dir = obj.path[len(self.mirror) + 1:].split("/", 1)[0]
+            if STEP_DIR.match(step_dir) and step_dir not in keep:
+                s3.delete(obj.path)
+
+    def fetch_from_mirror(self, full_verify: bool = True) -> Path | None:
+        """Rank 0: download the newest mirrored checkpoint whose manifest verifies into run.dir."""
+        from ecdit_dist.data.storage import DataError, S3Storage
+
+        s3 = S3Storage()
+        names = sorted({o.path[len(self.mirror) + 1:].split("/", 1)[0] for o in s3.list(self.mirror + "/")},
+                       reverse=True)
+        for name in (n for n in names if STEP_DIR.match(n)):
+            remote = f"{self.mirror}/{name}"
+            tmp = self.root / f".fetch-{name}"
+            try:
+                manifest = json.loads(s3.read_bytes(f"{remote}/{MANIFEST}"))
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                for file in manifest["files"]:
+                    target = _safe_member(tmp, file)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    s3.get_file(f"{remote}/{file}", target)
+                (tmp / MANIFEST).write_text(json.dumps(manifest))
+                verify_checkpoint(tmp, full=full_verify)
+            except (DataError, CheckpointError, ValueError, KeyError) as e:
+                warnings.warn(f"skipping mirrored checkpoint {remote}: {e}", stacklevel=2)
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_text(self.root / "latest", name + "\n")
+            return final
+        return None
 
     # ------------------------------------------------------------------ find / load
     def committed_steps(self) -> list[int]:

@@ -40,3 +40,46 @@ def rank_positions(step: int, global_batch: int, dp_rank: int, dp_size: int) -> 
     per_rank = global_batch // dp_size
     start = step * global_batch + dp_rank * per_rank
     return np.arange(start, start + per_rank, dtype=np.int64)
+
+
+class BlockShuffle:
+    """An epoch permutation that keeps reads local, for datasets too big to permute in memory.
+
+    Epoch e shuffles the blocks (Parquet row groups) with a permutation keyed by (seed, e),
+    cuts the shuffled order into windows of `window` blocks, and shuffles the samples inside
+    each window (keyed by (seed, e, window)). It is a bijection on the samples, so every
+    sample is used exactly once per epoch, and a global batch touches about
+    batch / block size blocks instead of one block per sample.
+    """
+
+    def __init__(self, block_sizes, seed: int, window: int = 16) -> None:
+        self.sizes = np.asarray(block_sizes, dtype=np.int64)
+        if self.sizes.size == 0 or self.sizes.sum() == 0:
+            raise ValueError("the dataset is empty")
+        self.num_samples = int(self.sizes.sum())
+        self.seed, self.window = seed, max(1, window)
+        self.block_start = np.concatenate([[0], np.cumsum(self.sizes)])
+        self._epoch = lru_cache(maxsize=2)(self._epoch_layout)
+        self._window_perm = lru_cache(maxsize=64)(self._window_permutation)
+
+    def _epoch_layout(self, epoch: int):
+        order = np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(self.sizes.size)
+        starts = np.concatenate([[0], np.cumsum(self.sizes[order])])           # in shuffled order
+        wstart = starts[:: self.window]                                         # sample offset of each window
+        wend = np.append(wstart[1:], starts[-1])
+        return order, starts, wstart, wend
+
+    def _window_permutation(self, epoch: int, w: int, size: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, w, 0x3E11]).permutation(size)
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty_like(positions)
+        for i, p in enumerate(positions.tolist()):
+            epoch, r = divmod(p, self.num_samples)
+            order, starts, wstart, wend = self._epoch(epoch)
+            w = int(np.searchsorted(wstart, r, side="right") - 1)
+            j = int(wstart[w] + self._window_perm(epoch, w, int(wend[w] - wstart[w]))[r - wstart[w]])
+            k = int(np.searchsorted(starts, j, side="right") - 1)            # position in shuffled block order
+            out[i] = self.block_start[order[k]] + (j - starts[k])
+        return out

@@ -59,3 +59,50 @@ class TinyTextEncoder:
         ids, mask = self.tokenize(captions)
         emb = self.table[ids] + self.positions[None]                    # (B, L, D)
         return emb * mask[..., None], mask
+
+
+class T5TextEncoder:
+    """A frozen T5 encoder from a local folder (config, safetensors weights, spiece.model);
+    nothing is fetched. Runs without gradients, in bf16 on CUDA."""
+
+    def __init__(self, path: str, max_len: int, device: torch.device | str = "cpu") -> None:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        folder = Path(path)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"data.text_encoder: {folder} holds no config.json of a T5 encoder")
+        if not (folder / "spiece.model").exists() and not (folder / "tokenizer.json").exists():
+            raise FileNotFoundError(f"data.text_encoder: {folder} holds no spiece.model / tokenizer.json")
+        device = torch.device(device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # from a folder: T5Tokenizer(vocab_file=...) would silently ignore the file in transformers 5
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        self.model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                    dtype=dtype).to(device).eval().requires_grad_(False)
+        self.device = device
+        self.dim = self.model.config.d_model
+        self.max_len = max_len
+        self.name = folder.name
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(f"{folder}: tokenizer has {self.tokenizer.vocab_size} ids, the model "
+                             f"{self.model.config.vocab_size}")
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(captions, max_length=self.max_len, padding="max_length", truncation=True,
+                             return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"].bool()
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokenize(captions)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        return out.float() * mask.to(self.device)[..., None], mask.to(self.device)
+
+
+def build_text_encoder(spec: str, dim: int, max_len: int, device: torch.device | str = "cpu") -> TextEncoder:
+    """'tiny' (the embedded encoder, width `dim`) or the path of a local T5 encoder folder."""
+    if spec == "tiny":
+        return TinyTextEncoder(dim, max_len)
+    return T5TextEncoder(spec, max_len, device)

@@ -1,0 +1,277 @@
+"""Where shards and checkpoints live: a local folder or `s3://bucket/prefix`.
+
+S3 goes through boto3 with its standard credential chain (environment, config files,
+instance roles) and endpoint (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` for S3-compatible
+stores); requests are retried with backoff. Objects are read with ranged GETs only, through
+a seekable file object that pyarrow reads Parquet footers and row groups from. Errors name
+the object and the cause and never contain credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+
+class DataError(RuntimeError):
+    """A data or storage problem, naming the object and the cause."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    path: str       # full path: local path or s3://bucket/key
+    size: int
+
+
+def is_s3(path: str) -> bool:
+    return str(path).startswith("s3://")
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    rest = url[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise DataError(f"{url!r} has no bucket; expected s3://bucket/prefix")
+    return bucket, key
+
+
+def join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if is_s3(base) else str(Path(base) / name)
+
+
+class LocalStorage:
+    def list(self, prefix: str, suffix: str = "") -> list[ObjectInfo]:
+        root = Path(prefix)
+        if not root.exists():
+            raise DataError(f"{root}: no such folder")
+        files = [root] if root.is_file() else sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
+        return [ObjectInfo(str(p), p.stat().st_size) for p in files if not p.name.startswith(".")]
+
+    def open(self, path: str, size: int | None = None) -> BinaryIO:
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise DataError(f"{path}: object not found") from None
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open(path) as f:
+            return f.read()
+
+    def exists(self, path: str) -> bool:
+        return Path(path).exists()
+
+    def put_file(self, local: str | Path, dest: str) -> None:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(dest).with_name(f".{Path(dest).name}.tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+
+    def get_file(self, path: str, local: str | Path) -> None:
+        shutil.copyfile(path, local)
+
+    def delete(self, path: str) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+def _client_error_code(e: Exception) -> str:
+    return getattr(e, "response", {}).get("Error", {}).get("Code", type(e).__name__)
+
+
+DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403",
+          "NoCredentialsError", "PartialCredentialsError", "UnauthorizedOperation", "AllAccessDisabled"}
+MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+
+
+def explain(url: str, e: Exception) -> DataError:
+    """An exception from boto3 -> DataError naming the object and what to do (no secrets)."""
+    code = _client_error_code(e)
+    if code in DENIED or type(e).__name__ in DENIED:
+        return DataError(f"{url}: access denied ({code}); check the AWS credentials (environment, "
+                         f"~/.aws or instance role) and the bucket permissions")
+    if code in MISSING:
+        what = "bucket" if code == "NoSuchBucket" else "object"
+        return DataError(f"{url}: {what} not found ({code})")
+    return DataError(f"{url}: {code}: {e}")
+
+
+class S3Storage:
+    """boto3-backed storage. `retries` attempts with exponential backoff on transient errors."""
+
+    def __init__(self, retries: int = 5, backoff_s: float = 0.2, read_ahead: int = 256 << 10) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.read_ahead = read_ahead
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.client = boto3.client("s3", config=Config(retries={"max_attempts": retries, "mode": "standard"},
+                                                       connect_timeout=10, read_timeout=60))
+
+    def _call(self, url: str, fn: Callable, *args, **kwargs):
+        for attempt in range(self.retries):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # boto raises many types; classify by code
+                code = _client_error_code(e)
+                transient = code in {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "500",
+                                     "502", "503", "504"} or type(e).__name__ in {
+                    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "IncompleteReadError", "ResponseStreamingError"}
+                if not transient or attempt == self.retries - 1:
+                    raise explain(url, e) from None
+                time.sleep(self.backoff_s * 2 ** attempt * (1 + random.random()))
+
+    def list(self, prefix: str, suffix: str = "") -> list[ObjectInfo]:
+        bucket, key = split_s3(prefix)
+        out = []
+        token = None
+        while True:
+            kw = {"Bucket": bucket, "Prefix": key}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(prefix, self.client.list_objects_v2, **kw)
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                if obj["Key"].endswith(suffix) and not name.startswith("."):
+                    out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", obj["Size"]))
+            if not page.get("IsTruncated"):
+                break
+            token = page["NextContinuationToken"]
+        return sorted(out, key=lambda o: o.path)
+
+    def size(self, url: str) -> int:
+        bucket, key = split_s3(url)
+        return self._call(url, self.client.head_object, Bucket=bucket, Key=key)["ContentLength"]
+
+    def head(self, url: str) -> dict:
+        bucket, key = split_s3(url)
+        return self._call(url, self.client.head_object, Bucket=bucket, Key=key)
+
+    def read_range(self, url: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object."""
+        bucket, key = split_s3(url)
+
+        def get():
+            body = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"]
+            data = body.read()
+            if len(data) != end - start:
+                raise DataError(f"{url}: short read {len(data)} of {end - start} bytes")
+            return data
+
+        return self._call(url, get)
+
+    def open(self, url: str, size: int | None = None) -> BinaryIO:
+        return S3RangeFile(self, url, size if size is not None else self.size(url), self.read_ahead)
+
+    def read_bytes(self, url: str) -> bytes:
+        size = self.size(url)
+        return self.read_range(url, 0, size) if size else b""
+
+    def exists(self, url: str) -> bool:
+        try:
+            self.size(url)
+            return True
+        except DataError as e:
+            if "not found" in str(e):
+                return False
+            raise
+
+    def put_file(self, local: str | Path, dest: str, sha256: str | None = None) -> None:
+        """Multipart upload (boto3 transfer) with the sha256 recorded in the object metadata."""
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = split_s3(dest)
+        extra = {"Metadata": {"sha256": sha256 or sha256_of(local)}}
+        cfg = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+        self._call(dest, self.client.upload_file, str(local), bucket, key, ExtraArgs=extra, Config=cfg)
+
+    def put_bytes(self, dest: str, data: bytes) -> None:
+        bucket, key = split_s3(dest)
+        self._call(dest, self.client.put_object, Bucket=bucket, Key=key, Body=data,
+                   Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+
+    def get_file(self, url: str, local: str | Path) -> None:
+        bucket, key = split_s3(url)
+        tmp = Path(local).with_name(f".{Path(local).name}.tmp")
+        self._call(url, self.client.download_file, bucket, key, str(tmp))
+        os.replace(tmp, local)
+
+    def delete(self, url: str) -> None:
+        bucket, key = split_s3(url)
+        self._call(url, self.client.delete_object, Bucket=bucket, Key=key)
+
+
+class S3RangeFile(io.RawIOBase):
+    """A read-only, seekable view of an S3 object; every read is a ranged GET (at least
+    `min_request` bytes, kept as a small read-ahead buffer)."""
+
+    def __init__(self, storage: S3Storage, url: str, size: int, min_request: int = 256 << 10) -> None:
+        super().__init__()
+        self.storage, self.url, self.length = storage, url, size
+        self.pos = 0
+        self.min_request = min_request
+        self.buf_start, self.buf = 0, b""
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def size(self) -> int:
+        return self.length
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.length - self.pos
+        n = min(n, self.length - self.pos)
+        if n <= 0:
+            return b""
+        lo, hi = self.pos, self.pos + n
+        if not (self.buf_start <= lo and hi <= self.buf_start + len(self.buf)):
+            end = min(self.length, max(hi, lo + self.min_request))
+            self.buf = self.storage.read_range(self.url, lo, end)
+            self.buf_start = lo
+            self.requests += 1
+        out = self.buf[lo - self.buf_start: hi - self.buf_start]
+        self.pos = hi
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def storage_for(path: str, retries: int = 5) -> LocalStorage | S3Storage:
+    return S3Storage(retries=retries) if is_s3(path) else LocalStorage()
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def walk_local(folder: Path) -> Iterator[Path]:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            yield p
