@@ -334,6 +334,16 @@ class Trainer:
         return sample_grid(model, encoder, self.data.decode, cfg.sample.prompts, cfg.sample.per_prompt,
                            cfg.sample.steps, cfg.sample.cfg_scale, cfg.seed, path, self.autocast_dtype)
 
+    def run(self) -> dict[str, Any]:
+        """fit(), then leave the process group (waiting for the other ranks only after success)."""
+        ok = False
+        try:
+            result = self.fit()
+            ok = True
+            return result
+        finally:
+            self.close(clean=ok)
+
     def close(self, clean: bool = True) -> None:
         """Leave the process group; wait for the other ranks only after a successful run (after a
         failure they may never arrive)."""
@@ -381,12 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr)
         return 2
-    ok = False
-    try:
-        trainer.fit()
-        ok = True
-    finally:
-        trainer.close(clean=ok)
+    trainer.run()
     return 0
 
 

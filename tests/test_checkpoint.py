@@ -1,7 +1,6 @@
 """Checkpoints: commit protocol, corruption, resume under other layouts, and the converters."""
 
 import json
-import os
 import random
 import shutil
 import subprocess

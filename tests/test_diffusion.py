@@ -3,7 +3,6 @@
 import math
 import random
 
-import pytest
 import torch
 
 from ecdit_dist.diffusion import draw_training_randomness, euler_sample, interpolate, velocity_target

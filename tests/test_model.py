@@ -2,7 +2,6 @@
 
 import random
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -1,6 +1,5 @@
 """Single-process training: the loss falls, resume is exact, checkpoints and samples are written."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -152,13 +152,7 @@ def train_layout(rank: int, world: int, run_dir: str, overrides: list[str], step
     from ecdit_dist.config import load_config
     from ecdit_dist.train import Trainer
 
-    trainer = Trainer(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET]))
-    ok = False
-    try:
-        trainer.fit()
-        ok = True
-    finally:
-        trainer.close(clean=ok)
+    Trainer(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET])).run()
 
 
 def crash_during_commit(rank: int, world: int, run_dir: str) -> None:
@@ -218,7 +212,6 @@ def deepspeed_checkpoint(rank: int, world: int, ds_dir: str, stage: int) -> dict
         engine.step()
     engine.save_checkpoint(ds_dir, tag="step2")
     if stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: F401
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             weights = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     else:
@@ -239,11 +232,5 @@ def train_collect_ids(rank: int, world: int, run_dir: str, overrides: list[str],
             seen.append((step, self.last_ids.tolist()))
             return out
 
-    trainer = Recording(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET]))
-    ok = False
-    try:
-        trainer.fit()
-        ok = True
-    finally:
-        trainer.close(clean=ok)
+    Recording(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET])).run()
     return seen

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ecdit_dist.checkpoint.manager import CheckpointError, verify_checkpoint
+from ecdit_dist.checkpoint.manager import verify_checkpoint
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
 
 class DataError(RuntimeError):
@@ -269,9 +269,3 @@ def sha256_of(path: str | Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
-
-
-def walk_local(folder: Path) -> Iterator[Path]:
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            yield p
