@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import cold_cache
 
 # peak RSS from VmHWM: it starts fresh at exec, unlike ru_maxrss, which keeps the forking parent's peak
 PROBE = """
@@ -69,24 +70,16 @@ def main() -> None:
 
     idle = subprocess.run([sys.executable, "-c", PROBE, "-", "-"], capture_output=True, text=True, check=True)
     idle_peak = int(idle.stdout.split()[1])
-    def settle() -> None:
-        """Flush dirty pages and, where permitted, drop the page cache, so each run starts cold."""
-        subprocess.run(["sync"], check=True)
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        except OSError:
-            pass
-
     cp_s, ex_s, ex_fn_s, peaks = [], [], [], []
     for i in range(args.repeats):
         shutil.rmtree(work / "cp", ignore_errors=True)
-        settle()
+        cold_cache()
         t0 = time.perf_counter()
         subprocess.run(["cp", "-r", str(ckpt), str(work / "cp")], check=True)
         subprocess.run(["sync"], check=True)
         cp_s.append(time.perf_counter() - t0)
         shutil.rmtree(work / "out", ignore_errors=True)
-        settle()
+        cold_cache()
         t0 = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", PROBE, str(ckpt), str(work / "out")], capture_output=True,
                              text=True, check=True)

@@ -15,18 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-
-def cold() -> None:
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
+from common import cold_cache
 
 
 def raw_read(root: str) -> tuple[float, int]:
@@ -83,9 +76,9 @@ def main() -> None:
         roots["s3"] = args.s3
     results = {}
     for name, root in roots.items():
-        cold()
+        cold_cache()
         raw_s, nbytes = raw_read(root)
-        cold()
+        cold_cache()
         load_s, n = loader_epoch(root, args.batch, args.window)
         results[name] = {"bytes": nbytes, "samples": n, "raw_s": raw_s, "loader_s": load_s,
                          "loader_samples_per_s": n / load_s, "raw_samples_per_s": n / raw_s,

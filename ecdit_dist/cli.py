@@ -93,11 +93,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(total: int, desc: str):
+def _bar(desc: str, total: int | None = None, unit: str = "B"):
+    """A progress bar on a terminal; operations that learn their size later set `total` themselves."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not sys.stderr.isatty())
-    return bar, bar.update
+    return tqdm(total=total, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000, desc=desc,
+                disable=not sys.stderr.isatty())
 
 
 def _dtype(name: str | None):
@@ -119,7 +120,6 @@ def _report(result: dict, as_json: bool, dry_run: bool) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from ecdit_dist.checkpoint import convert as C
-    from ecdit_dist.checkpoint.tensors import open_source, total_bytes
 
     op = args.op
     if op == "inspect":
@@ -137,26 +137,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print("matches its config" if report["matches_config"] is True else f"PROBLEM: {report['matches_config']}")
         return 0 if report["matches_config"] is True else 1
     if op == "export":
-        total = total_bytes(open_source(args.checkpoint, ema=args.ema).infos.values())
-        bar, tick = _progress(total, "export")
-        with bar:
+        with _bar("export") as bar:
             result = C.export(args.checkpoint, args.out, args.max_shard_size, _dtype(args.dtype), args.ema,
-                              args.dry_run, tick)
+                              args.dry_run, bar)
     elif op == "import":
-        bar, tick = _progress(total_bytes(open_source(args.src).infos.values()), "import")
-        with bar:
-            result = C.import_(args.src, args.run_dir, args.dry_run, tick)
+        with _bar("import") as bar:
+            result = C.import_(args.src, args.run_dir, args.dry_run, bar)
     elif op == "merge":
         tensor_weights = json.loads(Path(args.tensor_weights).read_text()) if args.tensor_weights else None
-        bar, tick = _progress(total_bytes(open_source(args.inputs[0], ema=args.ema).infos.values()), "merge")
-        with bar:
+        with _bar("merge") as bar:
             result = C.merge(args.inputs, args.out, args.weights, tensor_weights, args.max_shard_size,
-                             _dtype(args.dtype), args.ema, args.dry_run, tick)
+                             _dtype(args.dtype), args.ema, args.dry_run, bar)
     elif op == "upcycle":
-        bar, tick = _progress(0, "upcycle")
-        with bar:
+        with _bar("upcycle") as bar:
             result = C.upcycle(args.src, args.out, args.experts, args.noise, args.router_std, args.seed,
-                               args.capacity_factor, args.max_shard_size, args.dry_run, tick)
+                               args.capacity_factor, args.max_shard_size, args.dry_run, bar)
     else:  # deepspeed
         result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run)
     _report(result, args.json, args.dry_run)
@@ -240,10 +235,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         if args.dry_run:
             result = {"out": args.out, "samples": args.num, "shards": -(-args.num // args.shard_rows)}
         else:
-            bar, tick = _progress(args.num, "synth")
-            with bar:
+            with _bar("synth", args.num, unit="samples") as bar:
                 result = tools.synth(args.out, args.num, args.latent_size, args.shard_rows, args.row_group,
-                                     args.seed, args.dtype, tick)
+                                     args.seed, args.dtype, bar.update)
     elif op == "encode":
         from ecdit_dist.data.text import build_text_encoder
 

@@ -78,10 +78,6 @@ def _all_presets() -> dict[str, dict[str, dict[str, Any]]]:
 PRESETS = _all_presets()
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def preset_sections(name: str) -> dict[str, dict[str, Any]]:
     """The `model` and `moe` section values of a preset (copies)."""
     if name not in PRESETS:

@@ -223,6 +223,7 @@ def test_t5_encoder_online_and_precomputed_agree(shards, tmp_path):
     assert 2 not in want                                          # no <unk>: the file was really read
     emb, emb_mask = enc.encode([caption, "one blue square at the center"])
     assert emb.shape == (2, 40, 32) and torch.equal(emb[0, len(want):], torch.zeros(40 - len(want), 32))
+    assert int(emb_mask[0].sum()) == len(want)
 
     local = tmp_path / "enc"
     shutil.copytree(shards, local)

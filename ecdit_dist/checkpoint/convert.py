@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -24,7 +24,23 @@ from ecdit_dist.checkpoint.tensors import (
 
 CONFIG_JSON = "config.json"
 FORMAT = "ecdit-dist/consolidated-v1"
-Progress = Callable[[int], None]
+
+
+class Progress(Protocol):
+    """A byte counter such as a tqdm bar: the operation sets `total` once it knows it."""
+    total: float | None
+
+    def update(self, n: int) -> Any: ...
+
+    def refresh(self) -> Any: ...
+
+
+def _ticker(progress: Progress | None, total: int) -> Callable[[int], Any] | None:
+    if progress is None:
+        return None
+    progress.total = total
+    progress.refresh()
+    return progress.update
 
 
 def _arch(config: dict[str, Any]) -> tuple[dict, dict]:
@@ -81,7 +97,8 @@ def export(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB",
     out = Path(out)
     staging = StagingBuffer(max(i.nbytes for i in src.infos.values()))
     shards = write_safetensors(out, infos, lambda n: _cast(src.load(n, staging.view(src.infos[n])), dtype),
-                               plan["max_shard_bytes"], {"format": "pt", "source": FORMAT}, progress)
+                               plan["max_shard_bytes"], {"format": "pt", "source": FORMAT},
+                               _ticker(progress, plan["bytes"]))
     _write_config(out, config, {"weights": "ema" if ema else "model", "step": read_meta(src.folder).get("step")})
     return {**plan, "files": [s.file for s in shards]}
 
@@ -99,11 +116,12 @@ def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
             "out": str(Path(run_dir) / "checkpoints" / "step-00000000")}
     if dry_run:
         return plan
+    tick = _ticker(progress, plan["bytes"])
     weights = {}
     for name, info in src.infos.items():
         weights[name] = src.load(name)
-        if progress:
-            progress(info.nbytes)
+        if tick:
+            tick(info.nbytes)
     state = {"model": weights, "ema": {k: v.float() for k, v in weights.items()},
              "trainer": {"step": torch.tensor(0)}}
     meta = {"config": config, "contents": ["ema", "model", "trainer"], "trainer_keys": ["step"],
@@ -169,7 +187,7 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
 
     out = Path(out)
     shards = write_safetensors(out, infos, produce, parse_size(max_shard_size),
-                               {"format": "pt", "source": FORMAT}, progress)
+                               {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
     _write_config(out, configs[0], {"merged_from": [str(p) for p in inputs], "merge_weights": weights})
     return {**plan, "files": [s.file for s in shards]}
 
@@ -238,7 +256,7 @@ def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: floa
 
     out = Path(out)
     shards = write_safetensors(out, infos, produce, parse_size(max_shard_size),
-                               {"format": "pt", "source": FORMAT}, progress)
+                               {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
     _write_config(out, new_config, {"upcycled_from": str(src_path), "upcycle_noise": noise})
     return {**plan, "files": [s.file for s in shards]}
 
@@ -309,7 +327,7 @@ def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path,
     out = Path(out)
     infos = {k: infos[k] for k in expected}
     shards = write_safetensors(out, infos, lambda n: state[n].contiguous(), parse_size(max_shard_size),
-                               {"format": "pt", "source": FORMAT}, progress)
+                               {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
     _write_config(out, config, {"converted_from": f"deepspeed:{ds_dir}"})
     return {**plan, "files": [s.file for s in shards]}
 

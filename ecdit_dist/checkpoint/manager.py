@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -307,7 +306,3 @@ class CheckpointManager:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, checkpoint_id=str(folder))
-
-
-def step_tensor(step: int) -> torch.Tensor:
-    return torch.tensor(step, dtype=torch.int64)

@@ -252,8 +252,8 @@ def write_safetensors(out_dir: str | Path, infos: dict[str, TensorInfo], produce
     return shards
 
 
-def check_keys(found: dict[str, TensorInfo] | dict[str, tuple], expected: dict[str, tuple[int, ...]], what: str,
-               ignore_dtype: bool = True) -> None:
+def check_keys(found: dict[str, TensorInfo] | dict[str, tuple], expected: dict[str, tuple[int, ...]],
+               what: str) -> None:
     """Fail naming missing, leftover and mis-shaped tensors."""
     shapes = {k: (v.shape if isinstance(v, TensorInfo) else tuple(v)) for k, v in found.items()}
     missing = [k for k in expected if k not in shapes]

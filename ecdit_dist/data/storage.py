@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,25 +58,6 @@ class LocalStorage:
             return open(path, "rb")
         except FileNotFoundError:
             raise DataError(f"{path}: object not found") from None
-
-    def read_bytes(self, path: str) -> bytes:
-        with self.open(path) as f:
-            return f.read()
-
-    def exists(self, path: str) -> bool:
-        return Path(path).exists()
-
-    def put_file(self, local: str | Path, dest: str) -> None:
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(dest).with_name(f".{Path(dest).name}.tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
-
-    def get_file(self, path: str, local: str | Path) -> None:
-        shutil.copyfile(path, local)
-
-    def delete(self, path: str) -> None:
-        Path(path).unlink(missing_ok=True)
 
 
 def _client_error_code(e: Exception) -> str:
@@ -173,15 +153,6 @@ class S3Storage:
     def read_bytes(self, url: str) -> bytes:
         size = self.size(url)
         return self.read_range(url, 0, size) if size else b""
-
-    def exists(self, url: str) -> bool:
-        try:
-            self.size(url)
-            return True
-        except DataError as e:
-            if "not found" in str(e):
-                return False
-            raise
 
     def put_file(self, local: str | Path, dest: str, sha256: str | None = None) -> None:
         """Multipart upload (boto3 transfer) with the sha256 recorded in the object metadata."""

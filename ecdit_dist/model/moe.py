@@ -210,5 +210,3 @@ class TokenChoiceMoE(_MoEBase):
         """Uneven per-expert batches; expert parallelism replaces this with an all-to-all version."""
         return self.experts(x_sorted, counts.tolist())
 
-
-MOE_LAYERS = (ExpertChoiceMoE, TokenChoiceMoE)
