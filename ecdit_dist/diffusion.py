@@ -80,19 +80,23 @@ def euler_sample(velocity: Callable[..., torch.Tensor], noise: torch.Tensor, ste
 
     `velocity(x, t, drop_text)` returns v for a batch; with cfg_scale != 1 the
     conditional and null-text predictions run in one doubled batch and are combined
-    as v_uncond + s * (v_cond - v_uncond).
+    as v_uncond + s * (v_cond - v_uncond). The doubled batch is interleaved per image,
+    (cond 0, uncond 0, cond 1, uncond 1, ...), so one image's two passes are adjacent:
+    an MoE group of two images' tokens then holds exactly one prompt (see
+    `ecdit_dist.sample.generate`).
     """
     x = noise
     B = x.shape[0]
     ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).tolist()
     guided = cfg_scale != 1.0
     wide = torch.promote_types(x.dtype, torch.float32)
+    drop = torch.tensor([False, True], device=x.device).repeat(B) if guided else None   # (2B,)
     for i in range(steps):
         t = torch.full((B,), ts[i], device=x.device)
         if guided:
-            drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
-            v = velocity(torch.cat([x, x]), torch.cat([t, t]), drop).to(wide)
-            v_cond, v_uncond = v.chunk(2)
+            v = velocity(x.repeat_interleave(2, dim=0), t.repeat_interleave(2), drop).to(wide)  # (2B, ...)
+            v = v.unflatten(0, (B, 2))                                                         # (B, 2, ...)
+            v_cond, v_uncond = v[:, 0], v[:, 1]
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
         else:
             v = velocity(x, t, None).to(wide)

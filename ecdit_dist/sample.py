@@ -18,16 +18,48 @@ def _batch_multiple(tokens_per_image: int, group: int, copies: int) -> int:
     return group // math.gcd(group, per)
 
 
+def routes_prompts_alone(model: ECDiT, guided: bool) -> bool:
+    """True when, in `generate`, no MoE group holds tokens of two different prompts, so that an
+    image depends only on its own prompt, noise and seed, never on the rest of the batch.
+
+    A prompt occupies tokens_per_image tokens per pass, and two passes (conditional, then
+    null text, adjacent) with guidance. Groups of `moe.eval_group_size` consecutive tokens
+    stay inside one prompt exactly when that size divides the prompt's tokens. Dense
+    models, and token choice without a capacity limit, route every token on its own.
+    """
+    moe = model.moe_config
+    if not moe.num_experts or (moe.router == "token_choice" and moe.token_capacity_factor is None):
+        return True
+    per_prompt = model.config.tokens_per_image * (2 if guided else 1)
+    return per_prompt % moe.eval_group_size == 0
+
+
 @torch.no_grad()
 def generate(model: ECDiT, text: torch.Tensor, text_mask: torch.Tensor, steps: int, cfg_scale: float,
              seed: int, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Latents (B, C, H, W) for B text conditions. Noise of image i is keyed by (seed, i).
 
-    The batch is padded with copies of its last condition so that the routed token
-    count is a multiple of moe.eval_group_size; the padding is dropped afterwards.
+    Expert choice routes groups of `moe.eval_group_size` consecutive tokens together,
+    so which prompts share a group decides what an image may depend on. With guidance
+    (cfg_scale != 1) the passes run as (cond 0, uncond 0, cond 1, uncond 1, ...):
+
+    * eval group = two images (the paper's 512 tokens at 256 tokens per image): each
+      group is one prompt's conditional and null-text pass, and a guided image depends
+      only on its prompt, noise and seed, whatever else is in the batch;
+    * eval group dividing one image (or, with guidance, dividing two images' tokens):
+      the same holds;
+    * any other size (e.g. four images, or two without guidance): consecutive prompts
+      share groups and choose experts together, so an image also depends on its
+      neighbours in the batch. The batch is then padded with copies of its last
+      condition (with their own noise) up to a whole number of groups; the padding joins
+      the last group and is dropped afterwards.
+
+    `routes_prompts_alone(model, guided)` says which case applies.
     """
     mcfg = model.config
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
+    dtype = torch.promote_types(param.dtype, torch.float32)   # float64 models sample in float64
     B = text.shape[0]
     copies = 1 if cfg_scale == 1.0 else 2
     mult = _batch_multiple(mcfg.tokens_per_image, model.moe_config.eval_group_size, copies) \
@@ -38,11 +70,13 @@ def generate(model: ECDiT, text: torch.Tensor, text_mask: torch.Tensor, steps: i
         text_mask = torch.cat([text_mask, text_mask[-1:].expand(padded - B, *text_mask.shape[1:])])
     shape = (mcfg.in_channels, mcfg.latent_size, mcfg.latent_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_key(seed, 0x5A, i)))
-                         for i in range(padded)]).to(device)
-    text, text_mask = text.to(device), text_mask.to(device)
+                         for i in range(padded)]).to(device, dtype)
+    text, text_mask = text.to(device, dtype), text_mask.to(device)
+    # euler_sample interleaves the guided batch per image: (cond i, uncond i) adjacent
+    text2, mask2 = text.repeat_interleave(2, dim=0), text_mask.repeat_interleave(2, dim=0)
 
     def velocity(x: torch.Tensor, t: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
-        txt, msk = (text, text_mask) if drop is None else (torch.cat([text, text]), torch.cat([text_mask, text_mask]))
+        txt, msk = (text, text_mask) if drop is None else (text2, mask2)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             return model.velocity(x, t, txt, msk, drop_text=drop)
 
@@ -52,7 +86,7 @@ def generate(model: ECDiT, text: torch.Tensor, text_mask: torch.Tensor, steps: i
         out = euler_sample(velocity, noise, steps, cfg_scale)
     finally:
         model.train(was_training)
-    return out[:B].float().cpu()
+    return out[:B].to(dtype).cpu()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -69,10 +69,13 @@ def test_classifier_free_guidance_combination():
     seen = []
 
     def velocity(x, t, drop):
-        seen.append(drop.clone())
-        return torch.where(drop.view(-1, 1, 1, 1), uncond.repeat(2, 1, 1, 1), cond.repeat(2, 1, 1, 1))
+        seen.append((x.clone(), drop.clone()))
+        return torch.where(drop.view(-1, 1, 1, 1), uncond.repeat_interleave(2, 0), cond.repeat_interleave(2, 0))
 
     s = 3.5
     out = euler_sample(velocity, x0, steps=4, cfg_scale=s)
     torch.testing.assert_close(out, x0 + uncond + s * (cond - uncond), rtol=1e-12, atol=1e-12)
-    assert seen[0].tolist() == [False, False, True, True]
+    # one image's conditional and null-text passes are adjacent: (cond 0, uncond 0, cond 1, uncond 1)
+    x_seen, drop_seen = seen[0]
+    assert drop_seen.tolist() == [False, True, False, True]
+    assert torch.equal(x_seen, x0.repeat_interleave(2, 0))
