@@ -287,9 +287,14 @@ class ParallelConfig:
     """Collective backend; auto = nccl on CUDA, gloo on CPU."""
     timeout_s: int = 600
     """Collective timeout: a dead peer fails the run after this long instead of hanging."""
+    world_size: Optional[int] = None
+    """Ranks the layout above was written for (nodes x GPUs per node); a run started on another
+    world size stops before any collective. null = any world size."""
 
     def __post_init__(self) -> None:
         _positive(self, "parallel", ("dp_replicate", "tp", "ep", "timeout_s"))
+        if self.world_size is not None and self.world_size <= 0:
+            raise ConfigError(f"parallel.world_size must be positive or null (any), got {self.world_size}")
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be positive or -1 (auto), got {self.dp_shard}")
 

@@ -35,6 +35,10 @@ class ParallelDims:
         p = cfg.parallel
         if world < 1:
             raise ConfigError(f"world size must be >= 1, got {world}")
+        if p.world_size is not None and p.world_size != world:
+            raise ConfigError(
+                f"this layout was written for parallel.world_size={p.world_size} ranks, but {world} were started; "
+                f"start {p.world_size} ranks, or adapt the degrees and set parallel.world_size={world} (or null)")
         if world % (p.dp_replicate * p.tp):
             raise ConfigError(
                 f"world size {world} is not divisible by parallel.dp_replicate x parallel.tp = "
