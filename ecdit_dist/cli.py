@@ -241,7 +241,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     elif op == "encode":
         from ecdit_dist.data.text import build_text_encoder
 
-        encoder = build_text_encoder(args.encoder, args.text_dim, args.text_len)
+        text_dim = 64 if args.text_dim is None and args.encoder == "tiny" else args.text_dim
+        encoder = build_text_encoder(args.encoder, text_dim, args.text_len)
         result = tools.encode(args.path, encoder, args.batch_size)
     elif op == "stats":
         result = tools.stats(args.path, on_error="skip" if args.skip_bad else "raise")
@@ -277,7 +278,8 @@ def _add_data(sub) -> None:
     e.add_argument("path", help="local folder of shards")
     e.add_argument("--encoder", required=True, help='"tiny" or a local T5 encoder folder')
     e.add_argument("--text-len", type=int, required=True, help="tokens per caption (pad / truncate)")
-    e.add_argument("--text-dim", type=int, default=64, help="width of the tiny encoder (T5: its d_model)")
+    e.add_argument("--text-dim", type=int, default=None,
+                   help="width of the embeddings: the tiny encoder's (default 64); for T5, checked against its d_model")
     e.add_argument("--batch-size", type=int, default=64)
     common(e)
 

@@ -45,9 +45,6 @@ class DataPipeline:
             self._init_parquet(cfg)
         self.text_encoder = None if self.precomputed else build_text_encoder(
             dcfg.text_encoder, mcfg.text_dim, mcfg.text_len, device)
-        if self.text_encoder is not None and self.text_encoder.dim != mcfg.text_dim:
-            raise ConfigError(f"data.text_encoder {dcfg.text_encoder!r} produces width {self.text_encoder.dim}, "
-                              f"but model.text_dim is {mcfg.text_dim}; set model.text_dim={self.text_encoder.dim}")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="data") if dcfg.prefetch else None
         self.pending: dict[int, Future] = {}
         self.lock = threading.Lock()

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from ecdit_dist.config import ConfigError
 from ecdit_dist.data.shapes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES
 
 
@@ -101,8 +102,30 @@ class T5TextEncoder:
         return out.float() * mask.to(self.device)[..., None], mask.to(self.device)
 
 
-def build_text_encoder(spec: str, dim: int, max_len: int, device: torch.device | str = "cpu") -> TextEncoder:
-    """'tiny' (the embedded encoder, width `dim`) or the path of a local T5 encoder folder."""
+def t5_width(path: str) -> int:
+    """d_model of the T5 encoder in a local folder, read from its config.json (no weights loaded)."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"data.text_encoder: {path} holds no config.json of a T5 encoder")
+    width = json.loads(config.read_text()).get("d_model")
+    if not isinstance(width, int):
+        raise ValueError(f"data.text_encoder: {config} has no integer d_model")
+    return width
+
+
+def build_text_encoder(spec: str, dim: int | None, max_len: int, device: torch.device | str = "cpu") -> TextEncoder:
+    """'tiny' (the embedded encoder, width `dim`) or the path of a local T5 encoder folder, whose
+    width must equal `dim` (model.text_dim); checked before its weights are loaded. dim=None
+    takes the T5 encoder's own width."""
     if spec == "tiny":
+        if dim is None:
+            raise ValueError("the tiny text encoder needs a width (model.text_dim)")
         return TinyTextEncoder(dim, max_len)
+    width = t5_width(spec)
+    if dim is not None and width != dim:
+        raise ConfigError(f"data.text_encoder {spec!r} produces embeddings of width {width} (its d_model), but "
+                          f"model.text_dim is {dim}; set model.text_dim={width}, or use an encoder of width {dim}")
     return T5TextEncoder(spec, max_len, device)
