@@ -54,8 +54,9 @@ def test_paper_config_validates_and_builds_with_table1_counts(path):
     assert abs(counts["activated_params"] / activated - 1) <= 0.03, (counts["activated_params"], activated)
 
 
-# The layouts whose expert all-to-all leaves a node, plus the largest dense model.
-SHARDED = ["ecdit-m-64e", "ecdit-3xl-32e", "ecdit-3xl-16e", "dense-m"]
+# The layouts whose expert all-to-all leaves a node, the one with the most state per rank,
+# and the largest dense model.
+SHARDED = ["ecdit-m-64e", "ecdit-3xl-32e", "ecdit-3xl-16e", "ecdit-xxl-32e", "dense-m"]
 
 
 def test_big_layouts_shard_as_stated():
