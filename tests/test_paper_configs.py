@@ -59,6 +59,7 @@ def test_paper_config_validates_and_builds_with_table1_counts(path):
 SHARDED = ["ecdit-m-64e", "ecdit-3xl-32e", "ecdit-3xl-16e", "ecdit-xxl-32e", "dense-m"]
 
 
+@pytest.mark.slow
 def test_big_layouts_shard_as_stated():
     """Parallelize each meta model as rank 0 of its stated world (torch's fake process group)
     and check what that rank really holds against the layout's claims."""

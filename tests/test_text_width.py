@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ecdit_dist.config import ConfigError
 from ecdit_dist.data.text import build_text_encoder
