@@ -29,8 +29,8 @@ def fresh_seed() -> int:
     return seed
 
 
-def random_model(eval_group_size: int) -> ECDiT:
-    cfg = config_from_dict({"model": {"preset": "tiny"}, "moe": {"eval_group_size": eval_group_size}},
+def random_model(eval_group_size: int, **moe) -> ECDiT:
+    cfg = config_from_dict({"model": {"preset": "tiny"}, "moe": {"eval_group_size": eval_group_size, **moe}},
                            validate=False)
     model = ECDiT(cfg.model, cfg.moe).double()
     with torch.no_grad():
@@ -105,6 +105,17 @@ def test_independence_is_as_documented(group_tokens, guided, alone):
         assert change <= 1e-6
     else:
         assert change > 1e-3
+
+
+@pytest.mark.parametrize("token_capacity_factor, alone", [(None, True), (0.5, False)])
+def test_token_choice_mixes_only_through_its_capacity(token_capacity_factor, alone):
+    """Token choice routes each token on its own unless the expert buffers are limited (at 0.5
+    they hold half the assignments, so tokens of different prompts compete for them)."""
+    fresh_seed()
+    model = random_model(4 * TOKENS, router="token_choice", token_capacity_factor=token_capacity_factor)
+    assert routes_prompts_alone(model, guided=True) is alone
+    change = companion_change(model, CFG)
+    assert change <= 1e-6 if alone else change > 1e-3
 
 
 def test_padding_to_whole_groups_is_dropped():
