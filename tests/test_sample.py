@@ -19,7 +19,7 @@ from ecdit_dist.model import ECDiT
 from ecdit_dist.sample import generate, routes_prompts_alone
 
 TOKENS = 64          # tiny preset: (16 / 2) ** 2 tokens per image
-STEPS = 3
+STEPS = 2
 CFG = 4.0
 
 
