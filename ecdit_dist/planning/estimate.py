@@ -101,6 +101,7 @@ def root_activations(cfg: Config, dims: ParallelDims, micro: int) -> int:
     B, S, d = micro, m.train_tokens_per_image, m.hidden_dim
     n, out = B * S, m.patch_size ** 2 * m.in_channels
     total = B * m.tokens_per_image * out * a + B * S * 8          # patch embedding input; kept indices
+    total += B * m.tokens_per_image * d * f                        # every token's embedding (read by the gather)
     total += B * TIMESTEP_FREQ * a + 2 * B * d * a + B * d * a     # timestep MLP inputs; c (read by every adaLN)
     if cfg.train.precision != "bf16":
         total += B * m.text_len * m.text_dim * f                  # the text, shared by every cross-attention
@@ -128,8 +129,14 @@ def activations(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool
 
 
 # --------------------------------------------------------------------------- FLOPs
+# parts of `forward_flops` that tensor parallelism splits by weights (the rest it splits by
+# tokens or heads, or repeats on every tp rank)
+TP_SPLIT_PARTS = ("attention", "cross_attention", "text_kv", "ffn")
+
+
 def forward_flops(cfg: Config, dims: ParallelDims, micro: int) -> dict[str, float]:
-    """Forward FLOPs of one micro-batch on one rank by part (2 per multiply-add)."""
+    """Forward FLOPs of one micro-batch on one rank by part (2 per multiply-add): linear layers,
+    attention products (scores and values), the router and the experts at capacity."""
     m, moe = cfg.model, cfg.moe
     tp, d, hd = dims.tp, m.hidden_dim, m.head_dim
     B, S, L = micro, m.train_tokens_per_image, m.text_len
@@ -139,15 +146,17 @@ def forward_flops(cfg: Config, dims: ParallelDims, micro: int) -> dict[str, floa
     out = m.patch_size ** 2 * m.in_channels
     parts = {"embed": 2 * B * m.tokens_per_image * out * d + 2 * B * TIMESTEP_FREQ * d + 2 * B * d * d,
              "final": 2 * B * d * 2 * d + 2 * n * d * out,
-             "adaln": 0.0, "attention": 0.0, "cross_attention": 0.0, "ffn": 0.0, "router": 0.0, "experts": 0.0,
-             "text_kv": 0.0}
+             "adaln": 0.0, "attention": 0.0, "attention_scores": 0.0, "cross_attention": 0.0, "cross_scores": 0.0,
+             "text_kv": 0.0, "ffn": 0.0, "router": 0.0, "experts": 0.0}
     for i in range(m.num_layers):
-        parts["adaln"] += 2 * B * d * k * d
-        parts["attention"] += 2 * n * d * (2 * h + 2 * hkv) * hd + 4 * B * h * S * S * hd
-        parts["cross_attention"] += 2 * n * d * 2 * h * hd + 4 * B * h * S * L * hd
+        parts["adaln"] += 2 * B * d * k * d                          # repeated on every tp rank
+        parts["attention"] += 2 * n * d * (2 * h + 2 * hkv) * hd     # q, k, v, o
+        parts["attention_scores"] += 4 * B * h * S * S * hd
+        parts["cross_attention"] += 2 * n * d * 2 * h * hd           # q, o
+        parts["cross_scores"] += 4 * B * h * S * L * hd
         parts["text_kv"] += 2 * B * L * m.text_dim * 2 * hc * hd
         if moe.is_moe_layer(i):
-            routed = n // tp
+            routed = n // tp                                          # tp ranks route disjoint shares
             R = moe.num_experts * expert_capacity(moe.group_size, moe.capacity_factor, moe.num_experts) \
                 * (routed // moe.group_size)
             parts["router"] += 2 * routed * d * moe.num_experts
@@ -163,14 +172,18 @@ def step_flops(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool)
     (patch embedding, first timestep layer), 2.5 times for attention (scores recomputed)."""
     p = forward_flops(cfg, dims, micro)
     m = cfg.model
-    B, S, L, d, tp = micro, m.train_tokens_per_image, m.text_len, m.hidden_dim, dims.tp
-    h, hd = m.num_heads // tp, m.head_dim
-    sdpa = m.num_layers * (4 * B * h * S * S * hd + 4 * B * h * S * L * hd)
+    B, S, d, tp = micro, m.train_tokens_per_image, m.hidden_dim, dims.tp
+    sdpa = p["attention_scores"] + p["cross_scores"]
     no_input_grad = 2 * B * m.tokens_per_image * m.patch_size ** 2 * m.in_channels * d + 2 * B * TIMESTEP_FREQ * d
     fwd = sum(p.values())
     total = 3 * fwd - no_input_grad + 0.5 * sdpa
     if checkpointing:
+        # recompute of every block, which stops once the last tensor backward needs exists: a
+        # dense block's second FFN matrix feeds only the residual sum, so it is not recomputed
         total += fwd - p["embed"] - p["final"]
+        if m.adaln == "attn":
+            dense = sum(not cfg.moe.is_moe_layer(i) for i in range(m.num_layers))
+            total -= dense * 2 * B * S * d * (m.ffn_hidden // tp)
     return total
 
 
