@@ -193,3 +193,16 @@ def test_cli_plan_json_contract_and_errors():
     too_big = subprocess.run(run + ["--preset", "ecdit-m-64e", "--nodes", "1", "--gpus-per-node", "8",
                                     "--gpu-mem-gb", "80", "--ep", "8"], capture_output=True, text=True, timeout=300)
     assert too_big.returncode == 1 and "DOES NOT FIT" in too_big.stdout and "GiB over" in too_big.stdout
+
+
+def test_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "ecdit_dist.cli", "train", "--config", str(TINY), "--nproc", "4", "--dry-run",
+             "--set", "parallel.tp=2", "parallel.ep=2", f"run.dir={run}"]
+    out = subprocess.run(train, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dp_shard 2 x tp 2, ep 2" in out.stdout
+    assert "as rank 0 of 4" in out.stdout and "every shape as planned" in out.stdout
+    assert not run.exists()
+    bad = subprocess.run(train[:-1] + ["parallel.ep=3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "parallel.ep (3) must divide moe.num_experts (4)" in bad.stderr

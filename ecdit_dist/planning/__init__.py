@@ -33,9 +33,13 @@ def build_config(preset: str | None = None, config: str | None = None, overrides
 
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
+        from ecdit_dist.config import _apply_override
+
         raw: dict[str, Any] = {"model": {"preset": preset}}
         if not preset.startswith("tiny"):
             raw["train"] = {"global_batch_size": PAPER_GLOBAL_BATCH, "precision": "bf16"}
+        for item in overrides:
+            _apply_override(raw, item)
         cfg = config_from_dict(raw, validate=False)
     p, t = cfg.parallel, cfg.train
     for name, value in (("tp", tp), ("ep", ep), ("dp_shard", dp_shard), ("dp_replicate", dp_replicate)):
@@ -76,6 +80,11 @@ def _check_cluster(cluster: Cluster) -> None:
 
 def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
+
+
+def _size(n: float) -> str:
+    """Bytes as GiB, or MiB below one GiB (tiny models)."""
+    return f"{n / GIB:10.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:10.2f} MiB"
 
 
 def _advice(cfg: Config, dims: ParallelDims, cluster: Cluster, params: list[ParamInfo], plan: dict) -> str:
@@ -208,7 +217,7 @@ def _layout_str(lay: dict) -> str:
 def format_plan(plan: dict) -> str:
     pr, s, a = plan["per_rank"], plan["step"], plan["assumptions"]
     lay = plan["layout"]
-    rows = [f"plan: {plan['model']} on {plan['world']} ranks ({plan['cluster']['nodes']} nodes x "
+    rows = [f"plan: {plan['model']} on {plan['world']} ranks ({plan['cluster']['nodes']} node(s) x "
             f"{plan['cluster']['gpus_per_node']} GPUs, {plan['cluster']['gpu_mem_gb']:g} GiB each)",
             f"layout: {_layout_str(lay)}; {lay['precision']}, {lay['optimizer']}, global batch {lay['global_batch_size']}",
             "", "memory per rank"]
@@ -218,8 +227,8 @@ def format_plan(plan: dict) -> str:
                        ("backward_peak_extra_bytes", "backward peak extra"), ("a2a_buffer_bytes", "all-to-all buffers"),
                        ("total_bytes", "total"), ("reserve_bytes", f"reserve ({a['reserve_frac']:.0%})"),
                        ("capacity_bytes", "capacity")):
-        rows.append(f"  {label:32s} {pr[key] / GIB:10.2f} GiB")
-    rows.append(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'}: headroom {plan['headroom_bytes'] / GIB:.2f} GiB")
+        rows.append(f"  {label:32s} {_size(pr[key])}")
+    rows.append(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'}: headroom {_size(plan['headroom_bytes']).strip()}")
     if "advice" in plan:
         rows.append(f"  {plan['advice']}")
     rows += ["", "step",
@@ -256,19 +265,29 @@ def format_search(plans: list[dict], top: int = 10) -> str:
 # --------------------------------------------------------------------------- train --dry-run
 def dry_run(cfg: Config, world: int, cluster: Cluster | None = None) -> str:
     """Build the configured model on the meta device under the layout's real shard shapes (fake
-    process group, rank 0), check them against the plan, and return the plan as text."""
+    process group, rank 0), check them against the plan, and return the plan as text. Without a
+    cluster: `world` ranks, 8 per node, each with this machine's GPU memory (80 GiB without one)."""
     from ecdit_dist.planning.shards import local_shape, measure_shards
 
-    G = min(world, 8)
-    cluster = cluster or Cluster(nodes=max(1, world // G), gpus_per_node=G if world % G == 0 else world,
-                                 gpu_mem_gb=80.0)
+    note = ""
+    if cluster is None:
+        import torch
+
+        if torch.cuda.is_available():
+            mem = round(torch.cuda.get_device_properties(0).total_memory / GIB, 1)
+            note = f"memory per rank: this machine's GPU ({mem} GiB)"
+        else:
+            mem = 80.0
+            note = "memory per rank: 80 GiB assumed (no GPU here; `ecdit plan --config FILE` plans other clusters)"
+        G = 8 if world % 8 == 0 else world
+        cluster = Cluster(nodes=world // G, gpus_per_node=G, gpu_mem_gb=mem)
     if cluster.world != world:
-        cluster = Cluster(nodes=1, gpus_per_node=world, gpu_mem_gb=cluster.gpu_mem_gb)
+        raise ConfigError(f"the cluster has {cluster.world} ranks but the run {world}")
     plan = make_plan(cfg, cluster)
     dims = ParallelDims.from_config(cfg, world)
     built = measure_shards(cfg, world, 0)
     expected = {p.name: local_shape(p, dims, 0) for p in inventory(cfg)}
     wrong = [n for n in expected if tuple(built.get(n, ())) != expected[n]]
-    check = (f"built the model on the meta device for rank 0 of {world}: {len(built)} parameter shards, "
-             + ("all shapes as planned" if not wrong else f"{len(wrong)} differ from the plan, e.g. {wrong[:3]}"))
-    return format_plan(plan) + "\n\n" + check
+    check = (f"built the model on the meta device as rank 0 of {world}: {len(built)} parameter shards, "
+             + ("every shape as planned" if not wrong else f"{len(wrong)} differ from the plan, e.g. {wrong[:3]}"))
+    return "\n".join(x for x in (format_plan(plan), "", check, note) if x is not None)

@@ -21,7 +21,7 @@ def add_plan_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a preset (`ecdit presets`); paper presets plan the paper's batch of 4096 in bf16")
     src.add_argument("--config", help="a YAML run config (its train and parallel sections are used)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides (--config)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides, e.g. optim.ema_decay=0")
     p.add_argument("--nodes", type=int, required=True, help="nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="accelerators per node")
     p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one accelerator, GiB (H100-80GB: 80)")
