@@ -204,5 +204,5 @@ def test_train_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert "dp_shard 2 x tp 2, ep 2" in out.stdout
     assert "as rank 0 of 4" in out.stdout and "every shape as planned" in out.stdout
     assert not run.exists()
-    bad = subprocess.run(train[:-1] + ["parallel.ep=3"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(train + ["parallel.ep=3"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "parallel.ep (3) must divide moe.num_experts (4)" in bad.stderr

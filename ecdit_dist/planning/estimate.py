@@ -52,6 +52,23 @@ def _bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
+def dispatch_rows(cfg: Config, dims: ParallelDims, micro: int) -> int:
+    """Rows R of the dispatch buffer one rank builds per MoE layer: every expert takes C tokens of
+    every routing group of the tokens this rank routes (its 1/tp share of the micro-batch)."""
+    moe = cfg.moe
+    routed = micro * cfg.model.train_tokens_per_image // dims.tp
+    groups = routed // moe.group_size
+    if moe.router == "token_choice":
+        # the GShard baseline: at most top_k assignments per token and cap per expert (an upper
+        # bound: dropped assignments send nothing)
+        per_group = moe.top_k * moe.group_size
+        if moe.token_capacity_factor is not None:
+            cap = math.ceil(moe.top_k * moe.group_size * moe.token_capacity_factor / moe.num_experts)
+            per_group = min(per_group, moe.num_experts * cap)
+        return per_group * groups
+    return moe.num_experts * expert_capacity(moe.group_size, moe.capacity_factor, moe.num_experts) * groups
+
+
 # --------------------------------------------------------------------------- activations
 def block_activations(cfg: Config, dims: ParallelDims, micro: int, is_moe: bool) -> int:
     """Bytes one block saves for backward on one rank, for `micro` images (no checkpointing).
@@ -84,9 +101,7 @@ def block_activations(cfg: Config, dims: ParallelDims, micro: int, is_moe: bool)
         return total
     E = moe.num_experts
     routed = n // tp                                    # tokens this rank routes
-    g = moe.group_size
-    C = expert_capacity(g, moe.capacity_factor, E)
-    R = E * C * (routed // g)                           # dispatched rows (every expert, every group)
+    R = dispatch_rows(cfg, dims, micro)
     total += n * d * f                                  # norm3 output, read by the router in fp32
     total += routed * E * f + 2 * R * 8                 # affinity; top-C indices and flat rows (int64)
     total += 2 * R * d * a + 2 * R * m.ffn_hidden * a   # expert input and output; w1 output and GELU
@@ -157,10 +172,8 @@ def forward_flops(cfg: Config, dims: ParallelDims, micro: int) -> dict[str, floa
         parts["text_kv"] += 2 * B * L * m.text_dim * 2 * hc * hd
         if moe.is_moe_layer(i):
             routed = n // tp                                          # tp ranks route disjoint shares
-            R = moe.num_experts * expert_capacity(moe.group_size, moe.capacity_factor, moe.num_experts) \
-                * (routed // moe.group_size)
             parts["router"] += 2 * routed * d * moe.num_experts
-            parts["experts"] += 4 * R * d * m.ffn_hidden
+            parts["experts"] += 4 * dispatch_rows(cfg, dims, micro) * d * m.ffn_hidden
         else:
             parts["ffn"] += 4 * n * d * (m.ffn_hidden // tp)
     return parts
@@ -192,13 +205,10 @@ def a2a_bytes(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool) 
     """Bytes each rank hands to all_to_all_single in one micro-batch (forward dispatch and combine,
     the same in backward, and the forward again when checkpointing). Under bf16 autocast the
     dispatch carries the fp32 layer-norm output and the combine the bf16 expert output."""
-    if dims.ep == 1 or not cfg.moe.num_experts or cfg.moe.router != "expert_choice":
+    if dims.ep == 1 or not cfg.moe.num_experts:
         return 0
     m, moe = cfg.model, cfg.moe
-    routed = micro * m.train_tokens_per_image // dims.tp
-    R = moe.num_experts * expert_capacity(moe.group_size, moe.capacity_factor, moe.num_experts) \
-        * (routed // moe.group_size)
-    per_layer = R * m.hidden_dim * (4 + _bytes(cfg.train.precision))
+    per_layer = dispatch_rows(cfg, dims, micro) * m.hidden_dim * (4 + _bytes(cfg.train.precision))
     layers = sum(moe.is_moe_layer(i) for i in range(m.num_layers))
     return per_layer * layers * (3 if checkpointing else 2)
 
@@ -249,20 +259,23 @@ def plan_layout(cfg: Config, dims: ParallelDims, cluster: Cluster, params: list[
     ema_bytes = numel * 4 if cfg.optim.ema_decay > 0 else 0
 
     units = unit_numels(params, dims)
-    sharded = dims.world > 1 and (dims.dp_shard > 1 or dims.edp > 1)
-    gathered = 0
-    if sharded:
-        a = _bytes(prec)
-        blocks = [(units.get(f"block{i}", 0) + units.get(f"experts{i}", 0)) for i in range(cfg.model.num_layers)]
-        # the root stays gathered; two blocks in flight (current + prefetched); one block's unsharded
-        # gradients in the reduce dtype before its reduce-scatter
-        gathered = units["root"] * a + 2 * max(blocks) * a + max(blocks) * 4
+    bf16 = prec == "bf16"
+    if dims.world == 1:
+        gathered = numel * 2 if bf16 else 0     # autocast's bf16 weight copies, saved for backward
+    else:
+        # FSDP materialises a unit when it is sharded (or cast to bf16): the root stays gathered, two
+        # blocks are in flight (current + prefetched), and one block's unsharded fp32 gradients wait
+        # for their reduce-scatter
+        dense_on, expert_on = dims.dp_shard > 1 or bf16, dims.edp > 1 or bf16
+        blocks = [units.get(f"block{i}", 0) * dense_on + units.get(f"experts{i}", 0) * expert_on
+                  for i in range(cfg.model.num_layers)]
+        grads = [units.get(f"block{i}", 0) * (dims.dp_shard > 1) + units.get(f"experts{i}", 0) * (dims.edp > 1)
+                 for i in range(cfg.model.num_layers)]
+        gathered = units["root"] * _bytes(prec) * dense_on + 2 * max(blocks) * _bytes(prec) + max(grads) * 4
     act = activations(cfg, dims, micro, ac)
     a2a_step = a2a_bytes(cfg, dims, micro, ac) * accum
-    a2a_buffer = 0
-    if a2a_step:
-        a2a_buffer = 2 * a2a_bytes(cfg, dims, micro, False) // (4 * sum(
-            cfg.moe.is_moe_layer(i) for i in range(cfg.model.num_layers)))   # send + receive buffer of one exchange
+    # send and receive buffers of one dispatch (fp32 layer-norm output)
+    a2a_buffer = 2 * dispatch_rows(cfg, dims, micro) * cfg.model.hidden_dim * 4 if a2a_step else 0
     capacity = cluster.gpu_mem_gb * GIB
     reserve = cluster.reserve_frac * capacity
     total = p_bytes + g_bytes + o_bytes + ema_bytes + gathered + act["held"] + act["backward_extra"] + a2a_buffer
