@@ -5,7 +5,6 @@ the fake process group; the --search contract; every Table 1 preset; bad inputs.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from ecdit_dist.presets import PAPER_TABLE1
 from plan_workers import measure
 from workers import QUIET, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # name: (world, overrides); optimizer and EMA on, so their states are measured too
 MEASURED = {
