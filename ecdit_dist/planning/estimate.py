@@ -260,6 +260,7 @@ def plan_layout(cfg: Config, dims: ParallelDims, cluster: Cluster, params: list[
 
     units = unit_numels(params, dims)
     bf16 = prec == "bf16"
+    largest_unit = 0
     if dims.world == 1:
         gathered = numel * 2 if bf16 else 0     # autocast's bf16 weight copies, saved for backward
     else:
@@ -272,6 +273,7 @@ def plan_layout(cfg: Config, dims: ParallelDims, cluster: Cluster, params: list[
         grads = [units.get(f"block{i}", 0) * (dims.dp_shard > 1) + units.get(f"experts{i}", 0) * (dims.edp > 1)
                  for i in range(cfg.model.num_layers)]
         gathered = units["root"] * _bytes(prec) * dense_on + 2 * max(blocks) * _bytes(prec) + max(grads) * 4
+        largest_unit = max(blocks) * _bytes(prec)
     act = activations(cfg, dims, micro, ac)
     a2a_step = a2a_bytes(cfg, dims, micro, ac) * accum
     # send and receive buffers of one dispatch (fp32 layer-norm output)
@@ -311,7 +313,11 @@ def plan_layout(cfg: Config, dims: ParallelDims, cluster: Cluster, params: list[
               "activation_checkpointing": ac, "precision": prec, "optimizer": cfg.optim.name,
               "global_batch_size": t.global_batch_size}
     per_rank = {"params_bytes": p_bytes, "grads_bytes": g_bytes, "optimizer_bytes": o_bytes, "ema_bytes": ema_bytes,
-                "gathered_bytes": gathered, "activations_bytes": act["held"],
+                "gathered_bytes": gathered, "largest_gathered_block_bytes": largest_unit,
+                "activations_bytes": act["held"],
+                "activations_bytes_by_checkpointing": {
+                    "off": act["held"] if not ac else activations(cfg, dims, micro, False)["held"],
+                    "on": act["held"] if ac else activations(cfg, dims, micro, True)["held"]},
                 "backward_peak_extra_bytes": act["backward_extra"], "a2a_buffer_bytes": a2a_buffer,
                 "total_bytes": int(total), "reserve_bytes": int(reserve), "capacity_bytes": int(capacity),
                 "param_elements": numel, "activations_per_block": {"dense": act["dense_block"],
