@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_convert(sub)
     _add_data(sub)
+
+    from ecdit_dist.planning.cli import add_plan_parser
+
+    add_plan_parser(sub)
     return p
 
 

@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config values, e.g. --set train.steps=100 optim.lr=3e-4")
     p.add_argument("--nproc", type=int, default=None,
                    help="start this many ranks on this machine through torchrun (CPU: gloo, GPU: nccl)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device under the layout's shard shapes (no process group), "
+                        "print its memory / FLOP / communication plan (docs/PLANNING.md) and exit")
     return p
 
 
@@ -377,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.dry_run:
+            from ecdit_dist.planning import dry_run
+
+            print(dry_run(cfg, args.nproc or int(os.environ.get("WORLD_SIZE", 1))))
+            return 0
         if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             ParallelDims.from_config(cfg, args.nproc)      # fail here, not in every rank
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
