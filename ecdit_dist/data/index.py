@@ -28,7 +28,7 @@ from ecdit_dist.data.storage import DataError, S3Storage, is_s3, join, sha256_of
 INDEX_NAME = "ecdit-index.json"
 INDEX_FORMAT = "ecdit-dataset-index"
 INDEX_VERSION = 1
-INDEX_MODES = ("verify", "trust", "off")
+INDEX_MODES = ("verify", "trust", "scan")
 
 
 def index_url(root: str) -> str:
@@ -158,10 +158,10 @@ def check_listing(index: DatasetIndex, on_error: str) -> DatasetIndex:
 
 def open_dataset(root: str, on_error: str = "raise", retries: int = 5, mode: str = "verify") -> DatasetIndex:
     """The dataset under `root`: from its index (checked against the listing unless mode="trust"),
-    or, without one or with mode="off", from every shard's footer."""
+    or, without one or with mode="scan", from every shard's footer."""
     if mode not in INDEX_MODES:
         raise DataError(f"unknown dataset index mode {mode!r}; use one of {INDEX_MODES}")
-    if mode != "off":
+    if mode != "scan":
         url = index_url(root)
         raw = storage_for(root, retries).get(url)
         if raw is not None:
