@@ -8,8 +8,7 @@ Tiny shards (4 rows each, about 2 KB) are uploaded under one prefix per shard co
 their dataset index. Start-up is what a training job does before its first step: open the
 dataset (`open_dataset_once`) and build the ParquetSource, measured from after the process
 group exists (modules imported, one boto3 client made) to a barrier after it, on spawned gloo
-ranks. Requests are counted per rank with
-botocore event hooks. Modes:
+ranks. Requests are counted per rank with botocore event hooks. Modes:
 
     index    the index is read by rank 0, checked against a listing, and broadcast (data.index=verify)
     trust    the index is read by rank 0 and broadcast, no listing (data.index=trust)
@@ -24,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -126,6 +126,7 @@ def main() -> None:
                    choices=["index", "trust", "scan", "per-rank"])
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))        # stop the S3 server on the way out
 
     sys.path.insert(0, str(ROOT / "tests"))
     from s3server import seaweed

@@ -46,6 +46,8 @@ def test_listing_follows_every_page_for_the_index_and_the_storage_helper(s3, tmp
     local = sorted(p.name for p in many.iterdir())
     assert len(local) == 32 and INDEX_NAME in local                          # 31 shards + the index
     tools.upload(many, f"s3://{BUCKET}/pages")
+    # a sibling prefix that starts with the same letters is not part of the dataset
+    S3Storage().put_bytes(f"s3://{BUCKET}/pages-old/shard-99999.parquet", (many / "shard-00000.parquet").read_bytes())
     monkeypatch.setattr(S3Storage, "page_size", 4)                           # 4 keys per page: 8 pages
     # the listing helper that the dataset and the checkpoint mirror share
     with count_s3_requests() as n:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from ecdit_dist.data.shards import DatasetIndex, ShardInfo, check_meta
-from ecdit_dist.data.storage import DataError, S3Storage, is_s3, join, sha256_of, storage_for
+from ecdit_dist.data.storage import DataError, S3Storage, folder_prefix, is_s3, join, sha256_of, storage_for
 
 INDEX_NAME = "ecdit-index.json"
 INDEX_FORMAT = "ecdit-dataset-index"
@@ -111,7 +111,8 @@ def build_and_write(root: str, on_error: str = "raise", progress: Callable[[int]
 # ------------------------------------------------------------------------------------ reading
 def from_document(root: str, doc: Any, where: str) -> DatasetIndex:
     if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
-        raise DataError(f"{where}: not an ecdit dataset index (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise DataError(f"{where}: not an ecdit dataset index (format {found!r}, expected {INDEX_FORMAT!r})")
     if doc.get("version") != INDEX_VERSION:
         raise DataError(f"{where}: dataset index version {doc.get('version')!r}, this ecdit reads version "
                         f"{INDEX_VERSION}; re-run `ecdit data index {root}`")
@@ -133,7 +134,7 @@ def check_listing(index: DatasetIndex, on_error: str) -> DatasetIndex:
     """Compare the index with a listing of its root (names and sizes): stale shards are an error
     naming them, or are left out under on_error=skip. Shards the index does not know are ignored
     with a warning."""
-    listed = {o.path: o.size for o in storage_for(index.root).list(index.root, ".parquet")}
+    listed = {o.path: o.size for o in storage_for(index.root).list(folder_prefix(index.root), ".parquet")}
     keep, skipped = [], list(index.skipped)
     for s in index.shards:
         size = listed.pop(s.path, None)

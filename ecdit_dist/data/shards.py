@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecdit_dist.data.storage import DataError, ObjectInfo, storage_for
+from ecdit_dist.data.storage import DataError, ObjectInfo, folder_prefix, storage_for
 
 META_KEY = b"ecdit"
 FORMAT = 1
@@ -134,7 +134,7 @@ class DatasetIndex:
     @classmethod
     def build(cls, root: str, on_error: str = "raise", retries: int = 5, workers: int = 8) -> "DatasetIndex":
         storage = storage_for(root, retries)
-        objects = storage.list(root, ".parquet")
+        objects = storage.list(folder_prefix(root), ".parquet")
         if not objects:
             raise DataError(f"{root}: no *.parquet shards found")
         results: list[ShardInfo | DataError] = [None] * len(objects)  # type: ignore[list-item]

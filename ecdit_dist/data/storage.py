@@ -41,6 +41,12 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def folder_prefix(root: str) -> str:
+    """The listing prefix of a dataset folder: on S3 with a trailing "/", so that s3://b/data does
+    not also list s3://b/data-old/ or s3://b/data2/."""
+    return root.rstrip("/") + "/" if is_s3(root) else root
+
+
 def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if is_s3(base) else str(Path(base) / name)
 

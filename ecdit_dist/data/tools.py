@@ -11,7 +11,7 @@ import torch
 
 from ecdit_dist.data.shards import FORMAT, DatasetIndex, shard_schema
 from ecdit_dist.data import index as dataset_index
-from ecdit_dist.data.storage import DataError, S3Storage, is_s3, join, sha256_of, split_s3
+from ecdit_dist.data.storage import DataError, S3Storage, folder_prefix, is_s3, join, sha256_of, split_s3
 
 Progress = Callable[[int], None] | None
 
@@ -141,7 +141,7 @@ def verify(url: str, local: str | Path | None = None, deep: bool = False) -> dic
     """Check objects under s3://… : against a local folder (size + sha256), or on their own
     (sha256 recorded at upload; with deep=True re-hashed by reading them back)."""
     s3 = S3Storage()
-    objects = s3.list(url)
+    objects = s3.list(folder_prefix(url))
     problems: list[str] = []
     if local is not None:
         local = Path(local)
