@@ -117,6 +117,26 @@ def measure(root: str, n: int, ranks: int, mode: str, work: Path) -> dict:
             "requests_max_other_rank": max((r["requests"] for r in res[1:]), default=0)}
 
 
+def index_at_scale(n: int, row_groups: int = 16) -> dict:
+    """An index of n shards (4096 rows in 16 row groups each) in memory: its JSON size (what rank 0
+    reads and broadcasts) and the time to parse it into a DatasetIndex (what every rank does), as
+    wall and CPU seconds (CPU seconds are what an idle core would take on this machine)."""
+    from ecdit_dist.data.index import INDEX_FORMAT, INDEX_VERSION, _parse
+    from ecdit_dist.data.shards import ParquetSource
+
+    meta = {"format": 1, "latent_shape": [4, 32, 32], "latent_dtype": "bfloat16", "latent_scale": 1.0}
+    doc = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "meta": meta, "columns": ["id", "latent", "caption"],
+           "shards": [{"name": f"shard-{i:06d}.parquet", "size": 33_000_000 + i, "row_groups": [256] * row_groups,
+                       "sha256": f"{i:064x}"} for i in range(n)]}
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    del doc
+    t0, c0 = time.perf_counter(), time.process_time()
+    index = _parse("s3://bucket/data", raw, "s3://bucket/data/ecdit-index.json")
+    source = ParquetSource(index)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"shards": n, "samples": len(source), "index_bytes": len(raw), "parse_wall_s": wall, "parse_cpu_s": cpu}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000], help="shard counts (1 rank)")
@@ -125,7 +145,12 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["index", "trust", "scan", "per-rank"],
                    choices=["index", "trust", "scan", "per-rank"])
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--scale", type=int, default=300_000, help="shards of the in-memory index measured at the end")
+    p.add_argument("--scale-only", action="store_true", help="only measure the in-memory index (no S3)")
     args = p.parse_args()
+    if args.scale_only:
+        print(json.dumps(index_at_scale(args.scale)))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))        # stop the S3 server on the way out
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -153,8 +178,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['shards']} | {r['ranks']} | {r['mode']} | {r['seconds']:.2f} | {r['requests_total']} | "
               f"{r['requests_rank0']} | {r['requests_max_other_rank']} |")
+    scale = index_at_scale(args.scale)
+    print(f"index of {scale['shards']} shards ({scale['samples']} samples): {scale['index_bytes'] / 1e6:.1f} MB "
+          f"JSON; parsed into a DatasetIndex and a ParquetSource in {scale['parse_wall_s']:.2f} s "
+          f"({scale['parse_cpu_s']:.2f} CPU s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({"rows": rows, "index_at_scale": scale}, indent=1))
 
 
 if __name__ == "__main__":

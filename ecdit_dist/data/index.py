@@ -157,40 +157,75 @@ def check_listing(index: DatasetIndex, on_error: str) -> DatasetIndex:
     return DatasetIndex(index.root, keep, skipped, index.source)
 
 
+def _read(root: str, retries: int, mode: str) -> tuple[bytes, str] | None:
+    """The raw index and its URL, or None (no index, or mode="scan")."""
+    if mode not in INDEX_MODES:
+        raise DataError(f"unknown dataset index mode {mode!r}; use one of {INDEX_MODES}")
+    if mode == "scan":
+        return None
+    url = index_url(root)
+    raw = storage_for(root, retries).get(url)
+    if raw is None:
+        warnings.warn(f"{root}: no dataset index ({INDEX_NAME}); reading the footer of every shard (one request "
+                      f"per shard); write one with `ecdit data index {root}`", stacklevel=3)
+        return None
+    return raw, url
+
+
+def _parse(root: str, raw: bytes, url: str) -> DatasetIndex:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise DataError(f"{url}: the dataset index is not JSON; re-run `ecdit data index {root}`") from None
+    return from_document(root, doc, url)
+
+
+def _without(index: DatasetIndex, skipped: list[tuple[str, str]]) -> DatasetIndex:
+    gone = {p for p, _ in skipped}
+    return DatasetIndex(index.root, [s for s in index.shards if s.path not in gone], list(skipped), index.source)
+
+
 def open_dataset(root: str, on_error: str = "raise", retries: int = 5, mode: str = "verify") -> DatasetIndex:
     """The dataset under `root`: from its index (checked against the listing unless mode="trust"),
     or, without one or with mode="scan", from every shard's footer."""
-    if mode not in INDEX_MODES:
-        raise DataError(f"unknown dataset index mode {mode!r}; use one of {INDEX_MODES}")
-    if mode != "scan":
-        url = index_url(root)
-        raw = storage_for(root, retries).get(url)
-        if raw is not None:
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                raise DataError(f"{url}: the dataset index is not JSON; re-run `ecdit data index {root}`") from None
-            index = from_document(root, doc, url)
-            return index if mode == "trust" else check_listing(index, on_error)
-        warnings.warn(f"{root}: no dataset index ({INDEX_NAME}); reading the footer of every shard (one request "
-                      f"per shard); write one with `ecdit data index {root}`", stacklevel=2)
-    return DatasetIndex.build(root, on_error=on_error, retries=retries)
+    found = _read(root, retries, mode)
+    if found is None:
+        return DatasetIndex.build(root, on_error=on_error, retries=retries)
+    index = _parse(root, *found)
+    return index if mode == "trust" else check_listing(index, on_error)
 
 
 def open_dataset_once(root: str, on_error: str = "raise", retries: int = 5, mode: str = "verify") -> DatasetIndex:
-    """open_dataset() on rank 0 only; the other ranks receive its result (or its error) by broadcast,
-    so start-up costs the same requests on 1 rank as on 1,000."""
+    """open_dataset() with the requests made by rank 0 only, so start-up costs the same requests on
+    1 rank as on 1,000. Rank 0 broadcasts the raw index and the shards the listing found stale
+    (each rank parses the index itself: bytes broadcast faster than 300k pickled objects), or,
+    without an index, the footer scan's result; or the error, which every rank then raises."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return open_dataset(root, on_error, retries, mode)
     payload: list[Any] = [None]
+    index = None
     if dist.get_rank() == 0:
         try:
-            payload[0] = open_dataset(root, on_error, retries, mode)
+            found = _read(root, retries, mode)
+            if found is None:
+                index = DatasetIndex.build(root, on_error=on_error, retries=retries)
+                payload[0] = ("dataset", index)
+            else:
+                index = _parse(root, *found)
+                if mode != "trust":
+                    index = check_listing(index, on_error)
+                payload[0] = ("index", (found, index.skipped))
         except Exception as e:   # every rank must leave the broadcast; they all raise rank 0's error
-            payload[0] = DataError(str(e) if isinstance(e, DataError) else f"{root}: {type(e).__name__}: {e}")
+            payload[0] = ("error", str(e) if isinstance(e, DataError) else f"{root}: {type(e).__name__}: {e}")
     dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], DataError):
-        raise payload[0]
-    return payload[0]
+    kind, body = payload[0]
+    if kind == "error":
+        raise DataError(body)
+    if index is not None:
+        return index
+    if kind == "dataset":
+        return body
+    (raw, url), skipped = body
+    return _without(_parse(root, raw, url), skipped)
