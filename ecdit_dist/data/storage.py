@@ -141,7 +141,7 @@ class S3Storage:
                 kw["MaxKeys"] = int(self.page_size)
             if token:
                 kw["ContinuationToken"] = token
-            page = self._call(prefix, self.client.list_objects_v2, **kw)
+            page = self._call(prefix.rstrip("/"), self.client.list_objects_v2, **kw)    # errors name the folder
             for obj in page.get("Contents", []):
                 name = obj["Key"].rsplit("/", 1)[-1]
                 if obj["Key"].endswith(suffix) and not name.startswith("."):
