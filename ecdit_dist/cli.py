@@ -244,6 +244,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
         text_dim = 64 if args.text_dim is None and args.encoder == "tiny" else args.text_dim
         encoder = build_text_encoder(args.encoder, text_dim, args.text_len)
         result = tools.encode(args.path, encoder, args.batch_size)
+    elif op == "index":
+        if args.dry_run:
+            result = {"index": tools.dataset_index.index_url(args.path), "writes": False}
+        else:
+            with _bar("index", None, unit="shards") as bar:
+                result = tools.index(args.path, on_error="skip" if args.skip_bad else "raise", progress=bar.update)
     elif op == "stats":
         result = tools.stats(args.path, on_error="skip" if args.skip_bad else "raise")
     elif op == "upload":
@@ -282,6 +288,15 @@ def _add_data(sub) -> None:
                    help="width of the embeddings: the tiny encoder's (default 64); for T5, checked against its d_model")
     e.add_argument("--batch-size", type=int, default=64)
     common(e)
+
+    x = ops.add_parser("index", help="write the dataset index (ecdit-index.json) of existing shards",
+                       description="Read every shard's footer and checksum (local: hashed; S3: the sha256 "
+                                   "recorded at upload, else hashed) and write PATH/ecdit-index.json atomically. "
+                                   "Training then reads this one object at start instead of every footer.")
+    x.add_argument("path", help="local folder or s3://bucket/prefix")
+    x.add_argument("--skip-bad", action="store_true", help="leave unreadable shards out instead of failing")
+    x.add_argument("--dry-run", action="store_true", help="print where the index would go; write nothing")
+    common(x)
 
     t = ops.add_parser("stats", help="counts, sizes, schema and metadata of a dataset")
     t.add_argument("path", help="local folder or s3://bucket/prefix")

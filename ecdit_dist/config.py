@@ -243,6 +243,11 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     """A shard that cannot be read (truncated, corrupt, wrong schema): stop with an error naming it,
     or leave it out of the dataset, count it and report it in the metrics."""
+    index: Literal["verify", "trust", "scan"] = "verify"
+    """The dataset index (ecdit-index.json beside the shards), read by one rank and broadcast:
+    verify = check it against a listing of data.path (names, sizes), trust = use it as is
+    (one request at start), scan = ignore it and read every shard's footer. Without an index every
+    footer is read, with a warning."""
     text_encoder: str = "tiny"
     """"tiny" (the embedded word encoder) or the path of a local T5 encoder folder
     (config.json, model.safetensors, spiece.model)."""

@@ -175,8 +175,8 @@ def test_missing_object_and_denied_credentials(shards, s3, tmp_path):
 
 def test_upload_verify_detects_changes(shards, s3, tmp_path):
     result = tools.upload(shards, "s3://ecdit-data/verify")
-    assert result["verified"] and result["uploaded"] == 4
-    assert tools.verify("s3://ecdit-data/verify", deep=True)["objects"] == 4
+    assert result["verified"] and result["uploaded"] == 5                   # 4 shards + the dataset index
+    assert tools.verify("s3://ecdit-data/verify", deep=True)["objects"] == 5
     import boto3
 
     boto3.client("s3").put_object(Bucket="ecdit-data", Key="verify/shard-00000.parquet", Body=b"tampered")

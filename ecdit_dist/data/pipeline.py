@@ -50,10 +50,11 @@ class DataPipeline:
         self.lock = threading.Lock()
 
     def _init_parquet(self, cfg: Config) -> None:
-        from ecdit_dist.data.shards import DatasetIndex, ParquetSource
+        from ecdit_dist.data.index import open_dataset_once
+        from ecdit_dist.data.shards import ParquetSource
 
         mcfg, dcfg = cfg.model, cfg.data
-        index = DatasetIndex.build(dcfg.path, on_error=dcfg.on_error, retries=dcfg.retries)
+        index = open_dataset_once(dcfg.path, on_error=dcfg.on_error, retries=dcfg.retries, mode=dcfg.index)
         self.skipped = index.skipped
         want = (mcfg.in_channels, mcfg.latent_size, mcfg.latent_size)
         if tuple(index.meta["latent_shape"]) != want:

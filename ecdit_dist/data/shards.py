@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ecdit_dist.data.storage import DataError, ObjectInfo, storage_for
+from ecdit_dist.data.storage import DataError, ObjectInfo, folder_prefix, storage_for
 
 META_KEY = b"ecdit"
 FORMAT = 1
@@ -99,6 +99,7 @@ class ShardInfo:
     row_groups: list[int]
     meta: dict[str, Any]
     columns: list[str]
+    sha256: str | None = None     # of the whole file, when known (from the dataset index)
 
     @property
     def rows(self) -> int:
@@ -128,11 +129,12 @@ class DatasetIndex:
     root: str
     shards: list[ShardInfo]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: str = "footers"       # "footers" (every shard's footer read) or the dataset index's URL
 
     @classmethod
     def build(cls, root: str, on_error: str = "raise", retries: int = 5, workers: int = 8) -> "DatasetIndex":
         storage = storage_for(root, retries)
-        objects = storage.list(root, ".parquet")
+        objects = storage.list(folder_prefix(root), ".parquet")
         if not objects:
             raise DataError(f"{root}: no *.parquet shards found")
         results: list[ShardInfo | DataError] = [None] * len(objects)  # type: ignore[list-item]
@@ -171,17 +173,26 @@ class DatasetIndex:
     def num_samples(self) -> int:
         return sum(s.rows for s in self.shards)
 
-    def blocks(self) -> list[tuple[int, int]]:
-        """(shard number, row group) of every block, in dataset order."""
-        return [(i, g) for i, s in enumerate(self.shards) for g in range(len(s.row_groups))]
+    def blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(shard number, row group) of every block, in dataset order, as two int64 arrays."""
+        counts = np.array([len(s.row_groups) for s in self.shards], dtype=np.int64)
+        shard_of = np.repeat(np.arange(len(self.shards), dtype=np.int64), counts)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return shard_of, np.arange(int(counts.sum()), dtype=np.int64) - first[shard_of]
 
     def block_sizes(self) -> np.ndarray:
-        return np.array([n for s in self.shards for n in s.row_groups], dtype=np.int64)
+        return np.fromiter((n for s in self.shards for n in s.row_groups), dtype=np.int64)
+
+    def name(self, shard: ShardInfo) -> str:
+        """The shard's path relative to the dataset root (the same for a local copy and an S3 copy)."""
+        root = self.root.rstrip("/")
+        rel = shard.path[len(root):].lstrip("/\\") if shard.path.startswith(root) else shard.path
+        return rel.replace("\\", "/") or shard.path.rsplit("/", 1)[-1]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for s in self.shards:
-            h.update(f"{s.path}:{s.size}:{s.row_groups}\n".encode())
+            h.update(f"{self.name(s)}:{s.size}:{s.row_groups}\n".encode())
         return h.hexdigest()[:16]
 
     def has_text(self) -> bool:
@@ -209,7 +220,7 @@ class ParquetSource:
         self.latent_dtype = LATENT_DTYPES[self.meta["latent_dtype"]]
         self.scale = float(self.meta.get("latent_scale", 1.0))
         self.want_text = want_text
-        self.blocks = index.blocks()
+        self.block_shard, self.block_rg = index.blocks()          # (blocks,) int64 each
         sizes = index.block_sizes()
         self.block_start = np.concatenate([[0], np.cumsum(sizes)])
         self.cache: OrderedDict[int, Block] = OrderedDict()
@@ -231,13 +242,15 @@ class ParquetSource:
             if b in self.cache:
                 self.cache.move_to_end(b)
                 return self.cache[b]
-        shard_no, rg = self.blocks[b]
+        shard_no, rg = int(self.block_shard[b]), int(self.block_rg[b])
         shard = self.index.shards[shard_no]
         cols = ["id", "latent", "caption"] + (["text_emb", "text_len"] if self.want_text else [])
         try:
             with self.storage.open(shard.path, shard.size) as f:
                 pf = pq.ParquetFile(f, metadata=self.footers.get(shard_no))
-                self.footers.setdefault(shard_no, pf.metadata)
+                if shard_no not in self.footers:                  # first open: the footer must match the index
+                    self._check_footer(shard, pf.metadata)
+                    self.footers[shard_no] = pf.metadata
                 table = pf.read_row_group(rg, columns=cols)
         except DataError:
             raise
@@ -249,6 +262,13 @@ class ParquetSource:
             while len(self.cache) > self.cache_blocks:
                 self.cache.popitem(last=False)
         return block
+
+    def _check_footer(self, shard: ShardInfo, md) -> None:
+        got = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        if got != list(shard.row_groups):
+            raise DataError(f"{shard.path}: the shard changed after the dataset was indexed ({self.index.source}): "
+                            f"row groups {got[:8]} vs {list(shard.row_groups)[:8]} in the index; re-run "
+                            f"`ecdit data index {self.index.root}`")
 
     @staticmethod
     def _fixed_rows(table, column: str, n: int, per: int, where: str) -> torch.Tensor:
@@ -283,7 +303,7 @@ class ParquetSource:
             raise IndexError(f"sample index outside the dataset of {len(self)}")
         blocks = np.searchsorted(self.block_start, indices, side="right") - 1
         rows = indices - self.block_start[blocks]
-        unique = sorted(set(blocks.tolist()))
+        unique = np.unique(blocks).tolist()
         loaded = dict(zip(unique, self.pool.map(self.read_block, unique)))   # the batch's row groups, in parallel
         n = len(indices)
         first = loaded[unique[0]]

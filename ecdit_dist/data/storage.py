@@ -41,11 +41,31 @@ def split_s3(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+def folder_prefix(root: str) -> str:
+    """The listing prefix of a dataset folder: on S3 with a trailing "/", so that s3://b/data does
+    not also list s3://b/data-old/ or s3://b/data2/."""
+    return root.rstrip("/") + "/" if is_s3(root) else root
+
+
 def join(base: str, name: str) -> str:
     return f"{base.rstrip('/')}/{name}" if is_s3(base) else str(Path(base) / name)
 
 
 class LocalStorage:
+    def get(self, path: str) -> bytes | None:
+        """The whole object, or None when it does not exist."""
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put_bytes(self, dest: str, data: bytes) -> None:
+        """Write under a temporary name, then rename: a reader sees the old object or the new one."""
+        target = Path(dest)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
     def list(self, prefix: str, suffix: str = "") -> list[ObjectInfo]:
         root = Path(prefix)
         if not root.exists():
@@ -84,6 +104,9 @@ def explain(url: str, e: Exception) -> DataError:
 class S3Storage:
     """boto3-backed storage. `retries` attempts with exponential backoff on transient errors."""
 
+    page_size: int | None = None
+    """Keys per listing page (MaxKeys); None = the server's default (1000 on AWS)."""
+
     def __init__(self, retries: int = 5, backoff_s: float = 0.2, read_ahead: int = 256 << 10) -> None:
         import boto3
         from botocore.config import Config
@@ -114,9 +137,11 @@ class S3Storage:
         token = None
         while True:
             kw = {"Bucket": bucket, "Prefix": key}
+            if self.page_size:
+                kw["MaxKeys"] = int(self.page_size)
             if token:
                 kw["ContinuationToken"] = token
-            page = self._call(prefix, self.client.list_objects_v2, **kw)
+            page = self._call(prefix.rstrip("/"), self.client.list_objects_v2, **kw)    # errors name the folder
             for obj in page.get("Contents", []):
                 name = obj["Key"].rsplit("/", 1)[-1]
                 if obj["Key"].endswith(suffix) and not name.startswith("."):
@@ -133,6 +158,20 @@ class S3Storage:
     def head(self, url: str) -> dict:
         bucket, key = split_s3(url)
         return self._call(url, self.client.head_object, Bucket=bucket, Key=key)
+
+    def get(self, url: str) -> bytes | None:
+        """The whole object in one GET, or None when it does not exist."""
+        bucket, key = split_s3(url)
+
+        def get():
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except Exception as e:
+                if _client_error_code(e) in {"NoSuchKey", "404", "NotFound"}:
+                    return None
+                raise
+
+        return self._call(url, get)
 
     def read_range(self, url: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object."""
@@ -181,7 +220,8 @@ class S3Storage:
 
 class S3RangeFile(io.RawIOBase):
     """A read-only, seekable view of an S3 object; every read is a ranged GET (at least
-    `min_request` bytes, kept as a small read-ahead buffer)."""
+    `min_request` bytes, kept as a small read-ahead buffer). A read near the end of the object
+    extends backwards instead, so the Parquet trailer and footer come in one request."""
 
     def __init__(self, storage: S3Storage, url: str, size: int, min_request: int = 256 << 10) -> None:
         super().__init__()
@@ -217,8 +257,9 @@ class S3RangeFile(io.RawIOBase):
         lo, hi = self.pos, self.pos + n
         if not (self.buf_start <= lo and hi <= self.buf_start + len(self.buf)):
             end = min(self.length, max(hi, lo + self.min_request))
-            self.buf = self.storage.read_range(self.url, lo, end)
-            self.buf_start = lo
+            start = max(0, min(lo, end - self.min_request))
+            self.buf = self.storage.read_range(self.url, start, end)
+            self.buf_start = start
             self.requests += 1
         out = self.buf[lo - self.buf_start: hi - self.buf_start]
         self.pos = hi

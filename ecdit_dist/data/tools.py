@@ -1,4 +1,4 @@
-"""`ecdit data` operations: synth, encode, stats, upload, verify."""
+"""`ecdit data` operations: synth, encode, index, stats, upload, verify."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any, Callable
 import torch
 
 from ecdit_dist.data.shards import FORMAT, DatasetIndex, shard_schema
-from ecdit_dist.data.storage import DataError, S3Storage, is_s3, join, sha256_of, split_s3
+from ecdit_dist.data import index as dataset_index
+from ecdit_dist.data.storage import DataError, S3Storage, folder_prefix, is_s3, join, sha256_of, split_s3
 
 Progress = Callable[[int], None] | None
 
@@ -54,7 +55,9 @@ def synth(out: str | Path, num_samples: int, latent_size: int = 16, shard_rows: 
         files.append(path.name)
         if progress:
             progress(len(ids))
-    return {"out": str(out), "shards": len(files), "samples": num_samples, "latent_shape": meta["latent_shape"]}
+    doc = dataset_index.write(DatasetIndex.build(str(out)))
+    return {"out": str(out), "shards": len(files), "samples": num_samples, "latent_shape": meta["latent_shape"],
+            "index": dataset_index.index_url(str(out)), "fingerprint": doc["fingerprint"]}
 
 
 def encode(path: str | Path, encoder, batch_size: int = 64, progress: Progress = None) -> dict[str, Any]:
@@ -90,19 +93,25 @@ def encode(path: str | Path, encoder, batch_size: int = 64, progress: Progress =
         _write_table(table, Path(shard.path), rows_per_group)
         if progress:
             progress(len(captions))
+    dataset_index.write(DatasetIndex.build(str(path)))                   # the shards changed: index them again
     return {"path": str(path), "shards": len(index.shards), "samples": index.num_samples, "text_dim": D,
-            "text_len": L}
+            "text_len": L, "index": dataset_index.index_url(str(path))}
+
+
+def index(path: str, on_error: str = "raise", progress: Progress = None) -> dict[str, Any]:
+    """Write the dataset index of an existing shard set (local or S3)."""
+    return dataset_index.build_and_write(path, on_error, progress)
 
 
 def stats(path: str, on_error: str = "raise") -> dict[str, Any]:
-    index = DatasetIndex.build(path, on_error=on_error)
+    index = dataset_index.open_dataset(path, on_error=on_error)
     sizes = index.block_sizes()
     return {
         "path": path, "shards": len(index.shards), "samples": index.num_samples,
         "bytes": sum(s.size for s in index.shards), "row_groups": int(sizes.size),
         "rows_per_row_group": {"min": int(sizes.min()), "max": int(sizes.max()), "mean": float(sizes.mean())},
         "columns": index.shards[0].columns, "metadata": index.meta, "fingerprint": index.fingerprint(),
-        "skipped": [{"path": p, "reason": r} for p, r in index.skipped],
+        "skipped": [{"path": p, "reason": r} for p, r in index.skipped], "source": index.source,
     }
 
 
@@ -115,7 +124,11 @@ def upload(src: str | Path, dest: str, progress: Progress = None) -> dict[str, A
     if not src.is_dir():
         raise DataError(f"{src}: no such folder")
     s3 = S3Storage()
+    if not (src / dataset_index.INDEX_NAME).exists() and any(src.rglob("*.parquet")):
+        dataset_index.write(DatasetIndex.build(str(src)))            # index a shard set that has none yet
     files = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    # the index goes last: a reader never sees an index naming shards that are not there yet
+    files.sort(key=lambda p: p.relative_to(src).as_posix() == dataset_index.INDEX_NAME)
     for p in files:
         s3.put_file(p, join(dest, p.relative_to(src).as_posix()), sha256_of(p))
         if progress:
@@ -128,7 +141,7 @@ def verify(url: str, local: str | Path | None = None, deep: bool = False) -> dic
     """Check objects under s3://… : against a local folder (size + sha256), or on their own
     (sha256 recorded at upload; with deep=True re-hashed by reading them back)."""
     s3 = S3Storage()
-    objects = s3.list(url)
+    objects = s3.list(folder_prefix(url))
     problems: list[str] = []
     if local is not None:
         local = Path(local)
@@ -163,4 +176,4 @@ def verify(url: str, local: str | Path | None = None, deep: bool = False) -> dic
     return {"url": url, "objects": len(objects), "verified": True}
 
 
-__all__ = ["synth", "encode", "stats", "upload", "verify"]
+__all__ = ["synth", "encode", "index", "stats", "upload", "verify"]
