@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per rank per forward (default: train.micro_batch_size, else the per-rank batch)")
     p.add_argument("--sizes", default=None,
                    help=f"comma-separated bytes per rank, e.g. 1M,4M,16M (default without a model: {DEFAULT_SIZES})")
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts per MoE layer for a --sizes sweep (default: the model's, else n)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help=f"row width for a --sizes sweep (default: the model's hidden size, else {DEFAULT_HIDDEN})")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="element type (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per size (each gives 2 samples)")
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations per size first")
@@ -290,7 +294,9 @@ def plan(args, world: int, element_bytes: int) -> dict:
         E, hidden = n, DEFAULT_HIDDEN
     if args.sizes:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-        E = E or n
+        E, hidden = args.experts or E or n, args.hidden or hidden
+        if E % n or hidden < 1:
+            raise ConfigError(f"--experts {E} must be a multiple of --ep {n} and --hidden >= 1")
     elif cfg is not None:
         tp = args.tp or cfg.parallel.tp
         dp = max(1, world // tp)
