@@ -102,6 +102,9 @@ def test_profile_a2a_rejects_bad_layout():
 def test_training_timers_trace_and_no_effect_on_loss(tmp_path):
     from profiling_workers import timers_on_off
 
+    from ecdit_dist.cli import main
+    from ecdit_dist.profiling.timeline import phase_ranges
+
     overrides = ["parallel.tp=2", "parallel.ep=2"]
     results = run_ranks(timers_on_off, 4, tmp_path / "ranks", str(tmp_path), overrides, timeout=600)
     on, off = read_metrics(tmp_path / "on"), read_metrics(tmp_path / "off")
@@ -126,6 +129,10 @@ def test_training_timers_trace_and_no_effect_on_loss(tmp_path):
             assert name in names, name
         assert any(n and n.endswith("/fsdp_gather") for n in names)
         assert any(n and n.endswith("/fsdp_reduce") for n in names)
+        ranges, t0, t1 = phase_ranges(json.loads(trace.read_text()))            # what `profile timeline` draws
+        assert {p for p, _, _ in ranges} == set(PHASES)
+        assert all(t0 <= a <= b <= t1 for _, a, b in ranges)
+    assert main(["profile", "timeline", str(trace), "--out", str(tmp_path / "timeline.png")]) == 0
     assert not (tmp_path / "off" / "traces").exists()
 
 

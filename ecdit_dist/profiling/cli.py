@@ -7,11 +7,12 @@ import sys
 COMMANDS = {
     "a2a": ("ecdit_dist.profiling.a2a", "all-to-all bandwidth: raw all_to_all_single vs the EP exchange"),
     "routing": ("ecdit_dist.profiling.routing", "experts per latent token while sampling, as heatmaps"),
+    "timeline": ("ecdit_dist.profiling.timeline", "draw the phases of a training trace as a PNG"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: ecdit profile {a2a,routing} [--help] ...", "", "commands:"]
+    lines = ["usage: ecdit profile {a2a,routing,timeline} [--help] ...", "", "commands:"]
     lines += [f"  {name:9s} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
