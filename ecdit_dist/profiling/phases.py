@@ -225,15 +225,17 @@ def layer_names(model: nn.Module) -> dict[nn.Module, str]:
 
 
 def instrument(model: nn.Module, timer: PhaseTimer, optimizer: torch.optim.Optimizer | None = None,
-               route_observer: Callable[[nn.Module, torch.Tensor, int], None] | None = None) -> None:
+               route_observer: Callable[[nn.Module, torch.Tensor, int], None] | None = None,
+               timing: bool = True) -> None:
     """Add the phase hooks. Call after `parallelize` (the all-to-all and FSDP hooks must exist).
-    `route_observer(layer, rows, num_tokens)` sees every expert-choice routing decision."""
+    `route_observer(layer, rows, num_tokens)` sees every expert-choice routing decision;
+    `timing=False` installs only that."""
     layers = layer_names(model)
     for m in model.modules():
         layer = layers.get(m, "model")
-        if isinstance(m, (SelfAttention, CrossAttention)):
+        if isinstance(m, (SelfAttention, CrossAttention)) and timing:
             _time_module(m, "attention", f"{layer}/attention", timer)
-        elif isinstance(m, GroupedExperts):
+        elif isinstance(m, GroupedExperts) and timing:
             _wrap_hooks(m, timer, layer)
             _time_module(m, "experts", f"{layer}/experts", timer, inner=True)
         elif isinstance(m, ExpertChoiceMoE):
@@ -250,6 +252,8 @@ def instrument(model: nn.Module, timer: PhaseTimer, optimizer: torch.optim.Optim
                 return gate, rows
 
             m.route = timed_route
+    if not timing:
+        return
     for i, block in enumerate(getattr(model, "blocks", [])):       # layer ranges in traces (time: `other`)
         block.register_forward_pre_hook(lambda m, a, i=i: timer.start("layer", id(m), f"layer{i}"), prepend=True)
         block.register_forward_hook(lambda m, a, o: timer.stop("layer", id(m)))

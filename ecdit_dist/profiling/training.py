@@ -38,7 +38,8 @@ class TrainingProfiler:
         names = {m: f"layer{i}" for i, b in enumerate(getattr(model, "blocks", [])) for m in b.modules()}
         self._names = names
         if self.timers or self.trace_steps or self.histograms:
-            instrument(model, self.timer, optimizer, self._observe if self.histograms else None)
+            instrument(model, self.timer, optimizer, self._observe if self.histograms else None,
+                       timing=bool(self.timers or self.trace_steps))
 
     # ------------------------------------------------------------------ routing
     def _observe(self, layer: nn.Module, rows: torch.Tensor, num_tokens: int) -> None:
