@@ -72,9 +72,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
         px, _ = to_px(2.0 ** e, 0)
         draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
         draw.text((px - 12, height - bottom + 6), human_bytes(2 ** e), fill=(0, 0, 0))
-    draw.text((left, 8), title, fill=(0, 0, 0))
+    draw.text((left, 1), title, fill=(0, 0, 0))
     draw.text((width // 2 - 60, height - 18), xlabel, fill=(0, 0, 0))
-    draw.text((4, top - 20), ylabel, fill=(0, 0, 0))
+    draw.text((4, 14), ylabel, fill=(0, 0, 0))
     for i, (name, s) in enumerate(series.items()):
         c = SERIES_COLOURS[i % len(SERIES_COLOURS)]
         s = sorted(s)
@@ -83,6 +83,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], path: str | Path, t
             draw.line(line, fill=c, width=2)
         for px, py in line:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=c)
-        draw.rectangle([width - right - 110, top + 8 + 16 * i, width - right - 98, top + 18 + 16 * i], fill=c)
-        draw.text((width - right - 92, top + 6 + 16 * i), name, fill=(0, 0, 0))
+        x = width - right - 90 * (len(series) - i)                      # legend in the header row
+        draw.rectangle([x, 15, x + 12, 24], fill=c)
+        draw.text((x + 16, 13), name, fill=(0, 0, 0))
     return save_png(img, path)
