@@ -233,7 +233,7 @@ def measure_size(rows: int, num_experts: int, hidden: int, dtype: torch.dtype, g
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ecdit profile a2a",
-        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  ecdit profile a2a --nproc 4 --ep 2 --preset tiny --iters 20\n"
