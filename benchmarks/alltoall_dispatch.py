@@ -1,94 +1,43 @@
 """Expert-parallel all-to-all: our dispatch + combine against raw all_to_all_single, and the
-split of a 4-rank tiny training step into attention / route / all-to-all / experts / other.
+split of a 4-rank tiny training step into phases.
 
     python benchmarks/alltoall_dispatch.py                  # 4 CPU ranks, gloo
     python benchmarks/alltoall_dispatch.py --json out.json
 
-Part 1 sends the same bytes both ways: `raw` is two dist.all_to_all_single calls on an
-(E * T, d) buffer; `ep` is the dispatch and combine hooks of ecdit_dist.parallel.ep around
-an identity expert (with the layout changes they need). Calls are interleaved and the
-median is kept. Part 2 runs configs/tiny-cpu.yaml with tp=2, ep=2 and times each phase
-with ecdit_dist.profiling.phases (forward and backward).
+Part 1 is `ecdit profile a2a` (ecdit_dist.profiling.a2a) at one size: 8 experts, 4096
+tokens x 512 per rank, f_c = 2 (16 MiB per rank), ep = all ranks. Part 2 runs
+configs/tiny-cpu.yaml with tp=2, ep=2 and reports the per-phase step timers of
+`logging.timers` (ecdit_dist.profiling.phases), forward and backward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dispatch_bench(rank: int, world: int, tokens: int, dim: int, experts: int, repeats: int) -> dict:
-    import torch.distributed as dist
-
-    from ecdit_dist.parallel.ep import _combine_hook, _dispatch_hook
-
-    dist.init_process_group("gloo")
-    try:
-        group = dist.group.WORLD
-        T = tokens // experts * 2                       # C tokens per expert per group, capacity factor 2
-        x = torch.randn(experts, T, dim)
-        dispatch, combine = _dispatch_hook(group, world), _combine_hook(group, world)
-        flat = x.reshape(-1, dim)
-        out = torch.empty_like(flat)
-
-        def raw():
-            dist.all_to_all_single(out, flat, group=group)
-            dist.all_to_all_single(flat, out, group=group)
-
-        def raw_alloc():                                 # same, but every call gets a new output buffer
-            o = torch.empty_like(flat)
-            dist.all_to_all_single(o, flat, group=group)
-            dist.all_to_all_single(torch.empty_like(flat), o, group=group)
-
-        def ep():
-            local = dispatch(None, (x,))[0]              # (E_local, world * T, d)
-            combine(None, None, local)
-
-        times = {"raw": [], "raw_alloc": [], "ep": []}
-        for i in range(repeats + 2):
-            for name, fn in (("raw", raw), ("raw_alloc", raw_alloc), ("ep", ep)):
-                dist.barrier()
-                t0 = time.perf_counter()
-                fn()
-                dist.barrier()
-                if i >= 2:
-                    times[name].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        return {"bytes_per_rank": x.numel() * 4, "seconds": med, "raw_over_ep": med["raw"] / med["ep"],
-                "raw_alloc_over_ep": med["raw_alloc"] / med["ep"]}
-    finally:
-        dist.destroy_process_group()
-
-
 def step_bench(rank: int, world: int, steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
     from ecdit_dist.config import load_config
-    from ecdit_dist.profiling.phases import PhaseTimes, instrument, summary
     from ecdit_dist.train import Trainer
 
     cfg = load_config(ROOT / "configs" / "tiny-cpu.yaml",
                       [*overrides, f"run.dir={run_dir}", "logging.progress=false", "logging.tensorboard=false",
-                       "sample.at_end=false", "checkpoint.resume=false"])
+                       "sample.at_end=false", "checkpoint.resume=false", "logging.timers=true"])
     trainer = Trainer(cfg)
     try:
-        times = PhaseTimes()
-        instrument(trainer.model, times, expert_parallel=trainer.dims.ep > 1)
-        for s in range(warmup):
+        for s in range(warmup + steps):
+            trainer.profiler.begin(s)
             trainer.train_step(s)
-        times.reset()
-        t0 = time.perf_counter()
-        for s in range(warmup, warmup + steps):
-            trainer.train_step(s)
-        per_step = (time.perf_counter() - t0) / steps
-        phases = {k: v / steps for k, v in summary(times, per_step * steps).items()}
-        return {"layout": trainer.dims.describe(), "per_step": phases}
+            trainer.profiler.end(s)
+            if s == warmup - 1:
+                trainer.profiler.metrics()                  # drop the warm-up steps
+        return {"layout": trainer.dims.describe(), "per_step": trainer.profiler.metrics()}
     finally:
         trainer.close()
 
@@ -106,26 +55,24 @@ def main() -> None:
 
     from ecdit_dist.parallel.local import run_ranks
 
+    nbytes = args.experts * (args.tokens * 2 // args.experts) * args.dim * 4       # (E, C*G, d) fp32, f_c = 2
     with tempfile.TemporaryDirectory() as tmp:
-        d = run_ranks(dispatch_bench, args.ranks, Path(tmp) / "a", args.tokens, args.dim, args.experts,
-                      args.repeats, timeout=900)[0]
+        a2a_json = Path(tmp) / "a2a.json"
+        subprocess.run([sys.executable, "-m", "ecdit_dist.profiling.a2a", "--nproc", str(args.ranks),
+                        "--ep", str(args.ranks), "--sizes", str(nbytes), "--experts", str(args.experts),
+                        "--hidden", str(args.dim), "--iters", str(args.repeats), "--json", str(a2a_json)],
+                       check=True, timeout=1800)
+        d = json.loads(a2a_json.read_text())
         s = run_ranks(step_bench, args.ranks, Path(tmp) / "b", args.steps, 3,
-                      ["parallel.tp=2", "parallel.ep=2"], str(Path(tmp) / "run"), timeout=900)[0]
-    print(f"part 1: {args.ranks} ranks, {d['bytes_per_rank'] / 2**20:.1f} MiB per rank each way")
-    print("| | raw all_to_all_single x2 | raw, new output buffers | EP dispatch + combine | raw / EP |"
-          " raw new buffers / EP |")
-    print("|---|---|---|---|---|---|")
-    sec = d["seconds"]
-    print(f"| seconds | {sec['raw']:.4f} | {sec['raw_alloc']:.4f} | {sec['ep']:.4f} | {d['raw_over_ep']:.3f} |"
-          f" {d['raw_alloc_over_ep']:.3f} |")
+                      ["parallel.tp=2", "parallel.ep=2"], str(Path(tmp) / "run"), timeout=1800)[0]
     print(f"\npart 2: tiny-cpu, {s['layout']}, ms per training step")
-    ph = s["per_step"]
-    print("| attention | route | all-to-all | experts | other | step |")
-    print("|---|---|---|---|---|---|")
-    print("| " + " | ".join(f"{1000 * ph[k]:.1f}" for k in ("attention", "route", "all_to_all", "experts", "other",
-                                                               "step")) + " |")
+    phases = ("attention", "route", "dispatch_a2a", "experts", "combine_a2a", "fsdp_gather", "fsdp_reduce",
+              "optimizer", "other", "step")
+    print("| " + " | ".join(phases) + " |")
+    print("|" + "---|" * len(phases))
+    print("| " + " | ".join(f"{s['per_step'][f'time/{k}_ms']:.1f}" for k in phases) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"dispatch": d, "step": s}, indent=1))
+        Path(args.json).write_text(json.dumps({"a2a": d, "step": s}, indent=1))
 
 
 if __name__ == "__main__":

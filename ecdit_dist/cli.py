@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ecdit_dist.planning.cli import add_plan_parser
 
     add_plan_parser(sub)
+    f = sub.add_parser("profile", help="profile all-to-all bandwidth (a2a) or expert routing (routing)",
+                       add_help=False)
+    f.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -367,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         from ecdit_dist.train import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "profile":
+        from ecdit_dist.profiling.cli import main as profile_main
+
+        return profile_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

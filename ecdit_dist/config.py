@@ -338,9 +338,30 @@ class LoggingConfig:
     """Also write TensorBoard event files under run.dir/tb (needs the tensorboard package)."""
     progress: bool = True
     """Show a progress bar on the first rank."""
+    timers: bool = False
+    """Per-phase step timers (attention, route, dispatch/combine all-to-all, experts, FSDP
+    gathers/reduce-scatters, optimizer) in ms and share of the step, as `time/...` metrics
+    (CUDA events on GPU, read once per logged step; docs/PROFILING.md)."""
+    routing_histograms: bool = True
+    """With TensorBoard on: a histogram of experts per token for every MoE layer at every
+    logged step."""
 
     def __post_init__(self) -> None:
         _positive(self, "logging", ("interval",))
+
+
+@dataclass(kw_only=True, slots=True)
+class ProfilingConfig:
+    trace_steps: Optional[tuple[int, int]] = None
+    """[first, last] logged step numbers (inclusive, as in metrics.jsonl) to record with
+    torch.profiler: one Chrome trace per rank in run.dir/traces/ (docs/PROFILING.md)."""
+
+    def __post_init__(self) -> None:
+        if self.trace_steps is not None:
+            a, b = self.trace_steps
+            if not 1 <= a <= b:
+                raise ConfigError(f"profiling.trace_steps must be [first, last] with 1 <= first <= last, "
+                                  f"got {list(self.trace_steps)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -386,6 +407,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

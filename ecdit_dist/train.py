@@ -72,6 +72,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                              self._dist_ops(), mirror=cfg.checkpoint.mirror)
         self.step = 0
+        from ecdit_dist.profiling.training import TrainingProfiler
+
+        self.profiler = TrainingProfiler(cfg, self.model, self.optimizer, rank, self.device, self.run_dir)
 
     def build_model(self) -> ECDiT:
         cfg = self.cfg
@@ -270,7 +273,9 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 step = self.step
+                self.profiler.begin(step)
                 values = self.train_step(step)
+                self.profiler.end(step)
                 self.step = step + 1
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                     elapsed = time.perf_counter() - t0
@@ -281,7 +286,9 @@ class Trainer:
                         last["data/skipped_shards"] = len(self.data.skipped)
                     last["steps_per_s"] = rate
                     last["images_per_s"] = rate * cfg.train.global_batch_size
+                    last.update(self.profiler.metrics())
                     logger.log(self.step, last)
+                    self.profiler.log_histograms(logger, self.step)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     t0, n0 = time.perf_counter(), self.step
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.train.steps:
@@ -295,6 +302,7 @@ class Trainer:
                 if self.sample_grid(path) is not None:
                     print(f"wrote samples to {path}", flush=True)
         finally:
+            self.profiler.close()
             bar.close()
             logger.close()
         return last

@@ -19,7 +19,8 @@ from ecdit_dist import config as C  # noqa: E402
 SECTIONS = {
     "model": C.ModelConfig, "moe": C.MoEConfig, "diffusion": C.DiffusionConfig, "optim": C.OptimConfig,
     "train": C.TrainConfig, "data": C.DataConfig, "parallel": C.ParallelConfig,
-    "checkpoint": C.CheckpointConfig, "logging": C.LoggingConfig, "sample": C.SampleConfig, "run": C.RunConfig,
+    "checkpoint": C.CheckpointConfig, "logging": C.LoggingConfig,
+    "profiling": C.ProfilingConfig, "sample": C.SampleConfig, "run": C.RunConfig,
 }
 
 

@@ -94,6 +94,7 @@ def _dispatch_hook(group, ep: int):
         x = args[0]                                                   # (E, T, d) in expert_order
         E, T, d = x.shape
         return (_ExpertExchange.apply(x.view(E // ep, ep * T, d), group),)   # (E_local, ep*T, d)
+    hook.profile_phase = "dispatch_a2a"                               # named by ecdit_dist.profiling timers
     return hook
 
 
@@ -101,6 +102,7 @@ def _combine_hook(group, ep: int):
     def hook(module, args, out):
         E_local, epT, d = out.shape                                   # (E_local, ep*T, d)
         return _ExpertExchange.apply(out, group).view(E_local * ep, epT // ep, d)  # (E, T, d)
+    hook.profile_phase = "combine_a2a"
     return hook
 
 
