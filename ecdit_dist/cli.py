@@ -337,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_convert(sub)
     _add_data(sub)
+    from ecdit_dist.launch.cli import add_launch
+
+    add_launch(sub)
     return p
 
 
