@@ -26,7 +26,7 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     "OMP_NUM_THREADS": ("1", "CPU threads per rank for intra-op work (torchrun's own default)"),
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": ("1", "a failed or timed-out NCCL collective aborts the rank instead of hanging"),
     "TORCH_NCCL_DUMP_ON_TIMEOUT": ("1", "on a collective timeout, dump the flight recorder"),
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": ("2000", "flight recorder: the last N collectives per rank"),
+    "TORCH_FR_BUFFER_SIZE": ("2000", "flight recorder: keep the last N collectives per rank (0 turns it off)"),
     "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": ("600", "the watchdog kills a rank whose NCCL work is stuck this long"),
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": ("120", "torchrun: seconds between forwarding SIGTERM and SIGKILL to workers; "
                                               "must cover one step + one checkpoint write"),
