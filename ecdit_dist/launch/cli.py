@@ -88,6 +88,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.out is None and not args.run:
         print(text, end="")
         return 0
+    if spec.kind == "slurm":      # sbatch opens its --output file before the script runs
+        Path(spec.run_dir, "logs").mkdir(parents=True, exist_ok=True)
     path = Path(out)
     if path.parent != Path("."):
         path.parent.mkdir(parents=True, exist_ok=True)

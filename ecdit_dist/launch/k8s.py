@@ -51,5 +51,6 @@ def render(spec: JobSpec) -> str:
             f"# Written by: {command_line(spec)}\n"
             "# Needs the training operator, an image built from docker/Dockerfile, and a ReadWriteMany\n"
             "# PersistentVolumeClaim `ecdit-runs` for run.dir (checkpoints survive pod restarts).\n"
-            f"# Env defaults: {'; '.join(f'{k}: {why}' for k, (_, why) in ENV_DEFAULTS.items())}\n")
+            "# Environment (edit `env` below):\n"
+            + "".join(f"#   {k}: {why}\n" for k, (_, why) in ENV_DEFAULTS.items()))
     return head + yaml.safe_dump(job, sort_keys=False, width=120)
