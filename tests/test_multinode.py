@@ -79,9 +79,23 @@ def job_logs(run: Path) -> str:
     return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run / "logs").glob("*")))
 
 
+@pytest.mark.timeout(1800)
 def test_sbatch_script_trains_like_one_node(cluster, reference, tmp_path):
+    """`ecdit launch slurm --run` submits exactly what --dry-run prints; 2 nodes x 2 ranks on Slurm
+    train tp2 x ep2 with the per-step losses of one 4-rank node."""
+    import sys
+
     run = tmp_path / "run"
-    job = cluster.run("sbatch", "--parsable", str(write_sbatch(tmp_path, run)), cwd=tmp_path).stdout.strip()
+    args = [sys.executable, "-m", "ecdit_dist.cli", "launch", "slurm", "--config", str(TINY), "--nodes", "2",
+            "--nproc-per-node", "2", "--cpu", "--set", *BASE, *LAYOUT, f"run.dir={run}"]
+    dry = subprocess.run([*args, "--dry-run"], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0 and not run.exists(), dry.stderr
+    sub = subprocess.run([*args, "--out", str(tmp_path / "job.sbatch"), "--run"], env=cluster.env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0 and "Submitted batch job" in sub.stdout, sub.stdout + sub.stderr
+    job = sub.stdout.split()[-1]
+    submitted = cluster.run("scontrol", "write", "batch_script", job, "-").stdout
+    assert submitted == dry.stdout
     info = wait_state(cluster, job, {"COMPLETED"})
     logs = job_logs(run)
     assert info["NumNodes"] == "2", info
@@ -94,6 +108,7 @@ def test_sbatch_script_trains_like_one_node(cluster, reference, tmp_path):
         assert abs(got[s] - ref[s]) <= 1e-5 * max(1.0, abs(ref[s])), (s, got[s], ref[s])
 
 
+@pytest.mark.timeout(1800)
 def test_requeue_saves_the_reached_step_and_the_job_resumes(cluster, reference, tmp_path):
     """`scontrol requeue` mid-run with checkpoint.interval=0: SIGTERM to every process, every rank
     saves the step it reached, Slurm restarts the job, it resumes and ends like an uninterrupted run."""
@@ -141,6 +156,7 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
+@pytest.mark.timeout(1800)
 def test_hostfile_job_across_two_network_namespaces(two_hosts, reference, tmp_path):
     """Two 'hosts' joined by a veth pair; the hostfile script starts one agent in each (its ssh step
     replaced by `ip netns exec`); they meet at the first host's rendezvous; 2 x 2 ranks train like one node."""

@@ -67,6 +67,7 @@ def reference(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("mode", ["SIGTERM-to-agent", "SIGTERM-to-every-process", "SIGUSR1-to-every-process"])
 def test_signal_saves_the_reached_step_and_a_rerun_finishes_identically(mode, reference, tmp_path):
     run, log = tmp_path / "run", tmp_path / "agent.log"
@@ -126,6 +127,7 @@ def test_second_signal_exits_at_once_and_keeps_the_previous_checkpoint(tmp_path)
     assert f"exitcode  : {128 + signal.SIGTERM}" in log.read_text()   # torchrun's failure summary
 
 
+@pytest.mark.timeout(1800)
 def test_killed_worker_restarts_from_the_newest_checkpoint(reference, tmp_path):
     """SIGKILL one rank mid-run: torchrun (--max-restarts 1) restarts both, they resume, the end is the same."""
     run, log = tmp_path / "run", tmp_path / "agent.log"
