@@ -48,16 +48,18 @@ TORCHRUN=(
 )
 
 ENV_NAMES=(OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_BUFFER_SIZE TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
-remote_command() {   # $1 = host: cd, the environment above, torchrun with its own address
+# $1 = host, $2 = its index: cd, the environment above, torchrun with the host's own address;
+# the first host hosts the rendezvous store (said explicitly: its name need not be its hostname)
+remote_command() {
   local name assigns=''
   for name in "${ENV_NAMES[@]}"; do assigns+="$name=$(printf %q "${!name}") "; done
   printf 'cd %q && env %s' "$WORKDIR" "$assigns"
-  printf '%q ' "${TORCHRUN[@]}" "--local-addr=$1"
+  printf '%q ' "${TORCHRUN[@]}" "--local-addr=$1" "--rdzv-conf=is_host=$(( $2 == 0 ))"
 }
 
 PIDS=()
 for i in "${!HOSTS[@]}"; do
-  "${RSH[@]}" "${HOSTS[$i]}" "$(remote_command "${HOSTS[$i]}")" > "$LOG_DIR/node-$i.log" 2>&1 &
+  "${RSH[@]}" "${HOSTS[$i]}" "$(remote_command "${HOSTS[$i]}" "$i")" > "$LOG_DIR/node-$i.log" 2>&1 &
   PIDS+=("$!")
 done
 echo "started ${#HOSTS[@]} agent(s), rendezvous ${HEAD}:${RDZV_PORT} id ${RDZV_ID}; logs in $LOG_DIR/node-N.log"

@@ -116,8 +116,9 @@ def test_requeue_saves_the_reached_step_and_the_job_resumes(cluster, reference, 
     job = cluster.run("sbatch", "--parsable", str(write_sbatch(tmp_path, run)), cwd=tmp_path).stdout.strip()
     wait_for(lambda: len(logged(run)) >= 2, TIMEOUT, "two steps on Slurm")
     cluster.run("scontrol", "requeue", job)
-    # the requeued job waits for its begin time (about 2 minutes); the first run must have stopped by then
-    info = wait_state(cluster, job, {"PENDING"}, timeout=120)
+    # the requeued job waits for its begin time (about 2 minutes); the first run saves within KillWait
+    wait_for(lambda: "preempted: saved step" in job_logs(run), 120, "the requeued job's checkpoint")
+    wait_state(cluster, job, {"PENDING"}, timeout=120)
     saved = sorted(CheckpointManager(run).committed_steps())
     reached = max(logged(run))
     assert saved == [reached] and reached < STEPS, (saved, reached, job_logs(run))

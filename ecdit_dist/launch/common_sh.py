@@ -47,16 +47,18 @@ def agents_script(spec: JobSpec, hosts: list[str], remote: bool, what: str) -> s
               *bash_array("TORCHRUN", argv, raw), ""]
     if remote:
         lines += ["ENV_NAMES=(" + " ".join(ENV_NAMES(spec)) + ")",
-                  "remote_command() {   # $1 = host: cd, the environment above, torchrun with its own address",
+                  "# $1 = host, $2 = its index: cd, the environment above, torchrun with the host's own address;",
+                  "# the first host hosts the rendezvous store (said explicitly: its name need not be its hostname)",
+                  "remote_command() {",
                   "  local name assigns=''",
                   '  for name in "${ENV_NAMES[@]}"; do assigns+="$name=$(printf %q "${!name}") "; done',
                   '  printf \'cd %q && env %s\' "$WORKDIR" "$assigns"',
-                  '  printf \'%q \' "${TORCHRUN[@]}" "--local-addr=$1"',
+                  '  printf \'%q \' "${TORCHRUN[@]}" "--local-addr=$1" "--rdzv-conf=is_host=$(( $2 == 0 ))"',
                   "}", ""]
     lines += ["PIDS=()",
               'for i in "${!HOSTS[@]}"; do']
     if remote:
-        lines += ['  "${RSH[@]}" "${HOSTS[$i]}" "$(remote_command "${HOSTS[$i]}")" > "$LOG_DIR/node-$i.log" 2>&1 &']
+        lines += ['  "${RSH[@]}" "${HOSTS[$i]}" "$(remote_command "${HOSTS[$i]}" "$i")" > "$LOG_DIR/node-$i.log" 2>&1 &']
     else:
         lines += ['  "${TORCHRUN[@]}" > "$LOG_DIR/node-$i.log" 2>&1 &']
     lines += ['  PIDS+=("$!")',

@@ -50,7 +50,7 @@ def render(spec: JobSpec) -> str:
              "trap 'echo \"time limit near: stopping the training step, then requeueing job $SLURM_JOB_ID\"; "
              "REQUEUE=1; kill -TERM \"$SRUN_PID\" 2>/dev/null' USR1",
              "",
-             f'srun --ntasks-per-node=1 --kill-on-bad-exit=0 --output="{spec.run_dir}/logs/%x-%j-node%n.log" \\',
+             f'srun --ntasks-per-node=1 --kill-on-bad-exit=0 --open-mode=append --output="{spec.run_dir}/logs/%x-%j-node%n.log" \\',
              '  "${TORCHRUN[@]}" &',
              "SRUN_PID=$!",
              "# `wait` returns early when a trapped signal arrives: wait until srun has really ended",
