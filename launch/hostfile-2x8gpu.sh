@@ -39,6 +39,8 @@ TORCHRUN=(
   "--rdzv-id=${RDZV_ID}"
   --max-restarts=1
   "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+)
+TRAIN=(
   -m
   ecdit_dist.train
   --config
@@ -54,7 +56,7 @@ remote_command() {
   local name assigns=''
   for name in "${ENV_NAMES[@]}"; do assigns+="$name=$(printf %q "${!name}") "; done
   printf 'cd %q && env %s' "$WORKDIR" "$assigns"
-  printf '%q ' "${TORCHRUN[@]}" "--local-addr=$1" "--rdzv-conf=is_host=$(( $2 == 0 ))"
+  printf '%q ' "${TORCHRUN[@]}" "--local-addr=$1" "--rdzv-conf=is_host=$(( $2 == 0 ))" "${TRAIN[@]}"
 }
 
 PIDS=()

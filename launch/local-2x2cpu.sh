@@ -39,6 +39,8 @@ TORCHRUN=(
   "--rdzv-id=${RDZV_ID}"
   --max-restarts=1
   "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+)
+TRAIN=(
   -m
   ecdit_dist.train
   --config
@@ -51,7 +53,7 @@ TORCHRUN=(
 
 PIDS=()
 for i in "${!HOSTS[@]}"; do
-  "${TORCHRUN[@]}" > "$LOG_DIR/node-$i.log" 2>&1 &
+  "${TORCHRUN[@]}" "${TRAIN[@]}" > "$LOG_DIR/node-$i.log" 2>&1 &
   PIDS+=("$!")
 done
 echo "started ${#HOSTS[@]} agent(s), rendezvous ${HEAD}:${RDZV_PORT} id ${RDZV_ID}; logs in $LOG_DIR/node-N.log"

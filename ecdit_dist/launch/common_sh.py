@@ -20,6 +20,13 @@ def bash_array(name: str, argv: list[str], raw: dict[int, str] | None = None) ->
     return [f"{name}=(", *[f"  {item}" for item in items], ")"]
 
 
+def command_arrays(argv: list[str], raw: dict[int, str]) -> list[str]:
+    """TORCHRUN=(torchrun and its options) and TRAIN=(-m ecdit_dist.train ...): a node adds its own
+    torchrun options between the two."""
+    cut = argv.index("-m")
+    return [*bash_array("TORCHRUN", argv[:cut], raw), *bash_array("TRAIN", argv[cut:])]
+
+
 def environment(spec: JobSpec) -> list[str]:
     return ["# ---- environment (override any of these by exporting it before submitting)", *env_lines(spec)]
 
@@ -44,7 +51,7 @@ def agents_script(spec: JobSpec, hosts: list[str], remote: bool, what: str) -> s
         lines += ['read -r -a RSH <<< "${ECDIT_RSH:-ssh -o BatchMode=yes}"   # run as: RSH HOST COMMAND',
                   'WORKDIR=${WORKDIR:-$PWD}                                # the same path on every host']
     lines += ["", "# ---- the per-node command (torchrun resumes from the newest checkpoint in run.dir by itself)",
-              *bash_array("TORCHRUN", argv, raw), ""]
+              *command_arrays(argv, raw), ""]
     if remote:
         lines += ["ENV_NAMES=(" + " ".join(ENV_NAMES(spec)) + ")",
                   "# $1 = host, $2 = its index: cd, the environment above, torchrun with the host's own address;",
@@ -53,14 +60,14 @@ def agents_script(spec: JobSpec, hosts: list[str], remote: bool, what: str) -> s
                   "  local name assigns=''",
                   '  for name in "${ENV_NAMES[@]}"; do assigns+="$name=$(printf %q "${!name}") "; done',
                   '  printf \'cd %q && env %s\' "$WORKDIR" "$assigns"',
-                  '  printf \'%q \' "${TORCHRUN[@]}" "--local-addr=$1" "--rdzv-conf=is_host=$(( $2 == 0 ))"',
+                  '  printf \'%q \' "${TORCHRUN[@]}" "--local-addr=$1" "--rdzv-conf=is_host=$(( $2 == 0 ))" "${TRAIN[@]}"',
                   "}", ""]
     lines += ["PIDS=()",
               'for i in "${!HOSTS[@]}"; do']
     if remote:
         lines += ['  "${RSH[@]}" "${HOSTS[$i]}" "$(remote_command "${HOSTS[$i]}" "$i")" > "$LOG_DIR/node-$i.log" 2>&1 &']
     else:
-        lines += ['  "${TORCHRUN[@]}" > "$LOG_DIR/node-$i.log" 2>&1 &']
+        lines += ['  "${TORCHRUN[@]}" "${TRAIN[@]}" > "$LOG_DIR/node-$i.log" 2>&1 &']
     lines += ['  PIDS+=("$!")',
               'done',
               'echo "started ${#HOSTS[@]} agent(s), rendezvous ${HEAD}:${RDZV_PORT} id ${RDZV_ID}; logs in $LOG_DIR/node-N.log"',

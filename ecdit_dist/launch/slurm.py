@@ -11,7 +11,7 @@ runs the same script and resumes from the newest checkpoint in run.dir.
 from __future__ import annotations
 
 from ecdit_dist.launch import JobSpec, torchrun_argv
-from ecdit_dist.launch.common_sh import bash_array, environment, header
+from ecdit_dist.launch.common_sh import command_arrays, environment, header
 
 
 def render(spec: JobSpec) -> str:
@@ -44,14 +44,14 @@ def render(spec: JobSpec) -> str:
              'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: nodes ${NODES[*]}, rendezvous ${HEAD_NODE}:${RDZV_PORT}"',
              "",
              "# ---- one torchrun per node; it resumes from the newest checkpoint in run.dir by itself",
-             *bash_array("TORCHRUN", argv, raw), "",
+             *command_arrays(argv, raw), "",
              "# ---- time limit near (USR1): stop the step (every rank saves), then requeue",
              "REQUEUE=0",
              "trap 'echo \"time limit near: stopping the training step, then requeueing job $SLURM_JOB_ID\"; "
              "REQUEUE=1; kill -TERM \"$SRUN_PID\" 2>/dev/null' USR1",
              "",
              f'srun --ntasks-per-node=1 --kill-on-bad-exit=0 --open-mode=append --output="{spec.run_dir}/logs/%x-%j-node%n.log" \\',
-             '  "${TORCHRUN[@]}" &',
+             '  "${TORCHRUN[@]}" "${TRAIN[@]}" &',
              "SRUN_PID=$!",
              "# `wait` returns early when a trapped signal arrives: wait until srun has really ended",
              "STATUS=0",
