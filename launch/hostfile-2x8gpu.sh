@@ -16,6 +16,8 @@ export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
 export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
 # the watchdog kills a rank whose NCCL work is stuck this long
 export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-600}
+# ranks get a fresh store per restart attempt; sharing torchrun's rendezvous store can hand a restarted group stale addresses
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # torchrun: seconds between forwarding SIGTERM and SIGKILL to workers; must cover one step + one checkpoint write
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 
@@ -49,7 +51,7 @@ TRAIN=(
   parallel.ep=4
 )
 
-ENV_NAMES=(OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_BUFFER_SIZE TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
+ENV_NAMES=(OMP_NUM_THREADS TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_BUFFER_SIZE TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC TORCH_DISABLE_SHARE_RDZV_TCP_STORE TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
 # $1 = host, $2 = its index: cd, the environment above, torchrun with the host's own address;
 # the first host hosts the rendezvous store (said explicitly: its name need not be its hostname)
 remote_command() {

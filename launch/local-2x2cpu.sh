@@ -16,6 +16,8 @@ export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
 export TORCH_FR_BUFFER_SIZE=${TORCH_FR_BUFFER_SIZE:-2000}
 # the watchdog kills a rank whose NCCL work is stuck this long
 export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-600}
+# ranks get a fresh store per restart attempt; sharing torchrun's rendezvous store can hand a restarted group stale addresses
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # torchrun: seconds between forwarding SIGTERM and SIGKILL to workers; must cover one step + one checkpoint write
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 # --cpu: no GPUs, gloo backend

@@ -25,7 +25,11 @@ def spec(nodes: int, nproc: int, run_dir: Path, sets: list[str], kind: str = "lo
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
+    """The environment the generated jobs export (ENV_DEFAULTS), for agents started directly."""
+    from ecdit_dist.launch import ENV_DEFAULTS
+
+    return {**os.environ, **{k: v for k, (v, _) in ENV_DEFAULTS.items()}, "CUDA_VISIBLE_DEVICES": "",
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "60"}
 
 
 def start_agent(job: JobSpec, port: int, log: Path, rdzv_id: str = "test") -> subprocess.Popen:

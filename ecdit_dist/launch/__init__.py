@@ -28,6 +28,8 @@ ENV_DEFAULTS: dict[str, tuple[str, str]] = {
     "TORCH_NCCL_DUMP_ON_TIMEOUT": ("1", "on a collective timeout, dump the flight recorder"),
     "TORCH_FR_BUFFER_SIZE": ("2000", "flight recorder: keep the last N collectives per rank (0 turns it off)"),
     "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": ("600", "the watchdog kills a rank whose NCCL work is stuck this long"),
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": ("1", "ranks get a fresh store per restart attempt; sharing torchrun's "
+                                                "rendezvous store can hand a restarted group stale addresses"),
     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": ("120", "torchrun: seconds between forwarding SIGTERM and SIGKILL to workers; "
                                               "must cover one step + one checkpoint write"),
 }
