@@ -137,7 +137,7 @@ def test_killed_worker_restarts_from_the_newest_checkpoint(reference, tmp_path):
     rc = finish(agent, TIMEOUT)
     text = log.read_text()
     assert rc == 0, text[-3000:]
-    assert "will restart worker group" in text and "resumed from" in text, text[-3000:]
+    assert "failed (exitcode: -9)" in text and "resumed from" in text, text[-3000:]   # killed, restarted, resumed
     assert_same_run(run, reference, STEPS, tmp_path)
 
 
