@@ -132,3 +132,18 @@ def test_dry_run_prints_what_run_executes(tmp_path):
     assert f"+ bash {job}" in real.stderr
     assert [r for r in (run / "metrics.jsonl").read_text().splitlines() if r]
     assert (run / "logs" / "node-0.log").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_failure_summary_names_the_cause(tmp_path):
+    """The entry point records its error for torch elastic: the root-cause block shows it."""
+    from ecdit_dist.parallel.local import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "ecdit_dist.train", "--config", str(TINY),
+           "--set", "parallel.ep=3", f"run.dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    root = out.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert "error_file: <N/A>" not in root and "error.json" in root, root
+    assert "ConfigError: parallel.ep (3) must divide moe.num_experts (4)" in root, root
