@@ -155,8 +155,10 @@ def command_line(spec: JobSpec) -> str:
                        ("--image", spec.image)):
         if value:
             parts += [opt, value]
-    if spec.max_restarts != 1:
-        parts += ["--max-restarts", str(spec.max_restarts)]
+    for opt, value, default in (("--max-restarts", spec.max_restarts, 1), ("--port", spec.port, RDZV_PORT),
+                                ("--job-name", spec.job_name, "ecdit"), ("--signal-lead", spec.signal_lead_s, 300)):
+        if value != default and (opt != "--signal-lead" or spec.kind == "slurm"):
+            parts += [opt, str(value)]
     if spec.sets:
         parts += ["--set", *spec.sets]
     return shlex.join(parts)
