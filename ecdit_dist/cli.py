@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("profile", help="profile all-to-all bandwidth (a2a) or expert routing (routing)",
                        add_help=False)
     f.add_argument("rest", nargs=argparse.REMAINDER)
+    from ecdit_dist.launch.cli import add_launch
+
+    add_launch(sub)
     return p
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from ecdit_dist.checkpoint.manager import CheckpointManager, Dist, read_meta
 from ecdit_dist.config import Config, ConfigError, dump_config, load_config
@@ -28,6 +29,7 @@ from ecdit_dist.model.moe import TokenChoiceMoE
 from ecdit_dist.optim import EMA, build_optimizer, lr_factor, set_lr
 from ecdit_dist.parallel.dims import ParallelDims
 from ecdit_dist.parallel.parallelize import clip_grad_norm, finish_gradients, parallelize
+from ecdit_dist.preemption import EXIT_PREEMPTED, Preemption
 
 # Config sections that define the network: a checkpoint only resumes into the same ones.
 ARCH_KEYS = ("model", "moe")
@@ -48,6 +50,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
+        # SIGTERM / SIGUSR1 from here on: all ranks save the step they reach and stop (ecdit_dist/preemption.py)
+        self.preemption = Preemption(self.device, world > 1).install()
         # every check runs before the first collective, so a bad layout fails the same way on every rank
         self.dims = ParallelDims.from_config(cfg, world, self.device.type)
         if world > 1 and not dist.is_initialized():
@@ -294,9 +298,15 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.train.steps:
                     self.save(async_save=cfg.checkpoint.async_save)
                 bar.update(1)
+                if self.step < cfg.train.steps and self.preemption.agreed():
+                    break
             self.checkpoints.wait()
             if self.step not in self.checkpoints.committed_steps():
                 self.save()
+            if self.preemption.stopped:
+                if self.is_main:
+                    print(f"preempted: saved step {self.step}; run the same command again to resume", flush=True)
+                return last
             if cfg.sample.at_end:
                 path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
                 if self.sample_grid(path) is not None:
@@ -355,6 +365,7 @@ class Trainer:
     def close(self, clean: bool = True) -> None:
         """Leave the process group; wait for the other ranks only after a successful run (after a
         failure they may never arrive)."""
+        self.preemption.uninstall()
         self.data.close()
         if self.dims.world > 1 and dist.is_initialized():
             if clean:
@@ -384,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@record    # under torchrun, a worker's exception becomes the root cause in the agent's failure summary
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -406,9 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         rank = os.environ.get("RANK")
         print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr)
+        if rank is not None:
+            get_error_handler().record_exception(e)
         return 2
     trainer.run()
-    return 0
+    return EXIT_PREEMPTED if trainer.preemption.stopped else 0
 
 
 if __name__ == "__main__":
