@@ -168,23 +168,23 @@ def _sync(device: torch.device) -> None:
 
 def measure(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.device,
             repeats: int = 2) -> dict[str, dict[str, float]]:
-    """Seconds of each candidate form per role (both products of the role, best of `repeats`
-    after one warm-up; forms interleaved so drift of a shared machine hits all alike)."""
+    """Seconds of each candidate form per role: both products of the role, the best of `repeats`
+    rounds (the best discards the first touch of fresh memory), forms interleaved so that drift
+    of a shared machine hits all alike."""
     out: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for role in ROLES:
             forms = candidates(role, device, dtype)
             ops = _role_operands(role, E, T, d, f, dtype, device)
             best = {k: float("inf") for k in forms}
-            for i in range(repeats + 1):
+            for _ in range(repeats):
                 for form in forms:
                     _sync(device)
                     t0 = time.perf_counter()
                     for a, b in ops:
                         batched_mm(a, b, form)
                     _sync(device)
-                    if i:
-                        best[form] = min(best[form], time.perf_counter() - t0)
+                    best[form] = min(best[form], time.perf_counter() - t0)
             out[role] = best
     return out
 
