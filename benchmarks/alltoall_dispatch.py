@@ -3,11 +3,14 @@ split of a 4-rank tiny training step into attention / route / all-to-all / exper
 
     python benchmarks/alltoall_dispatch.py                  # 4 CPU ranks, gloo
     python benchmarks/alltoall_dispatch.py --json out.json
+    python benchmarks/alltoall_dispatch.py --skip-step --backward --experts 64   # exchange forms only
 
 Part 1 sends the same bytes both ways: `raw` is two dist.all_to_all_single calls on an
 (E * T, d) buffer; `ep` is the dispatch and combine hooks of ecdit_dist.parallel.ep around
-an identity expert (with the layout changes they need). Calls are interleaved and the
-median is kept. Part 2 runs configs/tiny-cpu.yaml with tp=2, ep=2 and times each phase
+an identity expert, in each exchange form (parallel.ep_exchange): `per_expert` (one call per
+local expert, no copies) and `single` (one call per direction, one permute copy on each
+side), forward and, with `--backward`, also backward. Calls are interleaved and the median
+is kept; the backend's default form (auto) is printed beside them. Part 2 runs configs/tiny-cpu.yaml with tp=2, ep=2 and times each phase
 with ecdit_dist.profiling.phases (forward and backward).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,17 +29,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dispatch_bench(rank: int, world: int, tokens: int, dim: int, experts: int, repeats: int) -> dict:
+def dispatch_bench(rank: int, world: int, tokens: int, dim: int, experts: int, repeats: int,
+                   backward: bool = False) -> dict:
     import torch.distributed as dist
 
-    from ecdit_dist.parallel.ep import _combine_hook, _dispatch_hook
+    from ecdit_dist.parallel.ep import _combine_hook, _dispatch_hook, resolve_exchange
 
     dist.init_process_group("gloo")
     try:
         group = dist.group.WORLD
         T = tokens // experts * 2                       # C tokens per expert per group, capacity factor 2
         x = torch.randn(experts, T, dim)
-        dispatch, combine = _dispatch_hook(group, world), _combine_hook(group, world)
+        hooks = {form: (_dispatch_hook(group, world, form), _combine_hook(group, world, form))
+                 for form in ("per_expert", "single")}
         flat = x.reshape(-1, dim)
         out = torch.empty_like(flat)
 
@@ -48,13 +54,19 @@ def dispatch_bench(rank: int, world: int, tokens: int, dim: int, experts: int, r
             dist.all_to_all_single(o, flat, group=group)
             dist.all_to_all_single(torch.empty_like(flat), o, group=group)
 
-        def ep():
-            local = dispatch(None, (x,))[0]              # (E_local, world * T, d)
-            combine(None, None, local)
+        def ep(form):
+            dispatch, combine = hooks[form]
+            xg = x.detach().requires_grad_(backward)
+            local = dispatch(None, (xg,))[0]             # (E_local, world * T, d)
+            out = combine(None, None, local)             # (E, T, d)
+            if backward:
+                out.backward(x)
 
-        times = {"raw": [], "raw_alloc": [], "ep": []}
+        contenders = [("raw", raw), ("raw_alloc", raw_alloc), ("ep_per_expert", lambda: ep("per_expert")),
+                      ("ep_single", lambda: ep("single"))]
+        times = {name: [] for name, _ in contenders}
         for i in range(repeats + 2):
-            for name, fn in (("raw", raw), ("raw_alloc", raw_alloc), ("ep", ep)):
+            for name, fn in contenders:
                 dist.barrier()
                 t0 = time.perf_counter()
                 fn()
@@ -62,8 +74,14 @@ def dispatch_bench(rank: int, world: int, tokens: int, dim: int, experts: int, r
                 if i >= 2:
                     times[name].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        return {"bytes_per_rank": x.numel() * 4, "seconds": med, "raw_over_ep": med["raw"] / med["ep"],
-                "raw_alloc_over_ep": med["raw_alloc"] / med["ep"]}
+        if backward:   # the hooks moved the bytes twice more (gradients); compare per round trip
+            med["ep_per_expert"] /= 2
+            med["ep_single"] /= 2
+        return {"bytes_per_rank": x.numel() * 4, "seconds": med, "backward": backward,
+                "default": resolve_exchange("auto", group),
+                "raw_over_per_expert": med["raw"] / med["ep_per_expert"],
+                "raw_over_single": med["raw"] / med["ep_single"],
+                "single_over_per_expert": med["ep_single"] / med["ep_per_expert"]}
     finally:
         dist.destroy_process_group()
 
@@ -101,23 +119,37 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--steps", type=int, default=20, help="timed training steps (part 2)")
+    p.add_argument("--backward", action="store_true", help="part 1 also runs the exchanges' backward")
+    p.add_argument("--skip-step", action="store_true", help="part 1 only")
     p.add_argument("--json")
     args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import describe, machine_info
+
+    print(f"machine: {describe(machine_info())}", flush=True)
 
     from ecdit_dist.parallel.local import run_ranks
 
     with tempfile.TemporaryDirectory() as tmp:
         d = run_ranks(dispatch_bench, args.ranks, Path(tmp) / "a", args.tokens, args.dim, args.experts,
-                      args.repeats, timeout=900)[0]
-        s = run_ranks(step_bench, args.ranks, Path(tmp) / "b", args.steps, 3,
-                      ["parallel.tp=2", "parallel.ep=2"], str(Path(tmp) / "run"), timeout=900)[0]
-    print(f"part 1: {args.ranks} ranks, {d['bytes_per_rank'] / 2**20:.1f} MiB per rank each way")
-    print("| | raw all_to_all_single x2 | raw, new output buffers | EP dispatch + combine | raw / EP |"
-          " raw new buffers / EP |")
-    print("|---|---|---|---|---|---|")
+                      args.repeats, args.backward, timeout=900)[0]
+        s = None
+        if not args.skip_step:
+            s = run_ranks(step_bench, args.ranks, Path(tmp) / "b", args.steps, 3,
+                          ["parallel.tp=2", "parallel.ep=2"], str(Path(tmp) / "run"), timeout=900)[0]
+    what = "forward + backward, per round trip" if args.backward else "forward"
+    print(f"part 1: {args.ranks} ranks, {d['bytes_per_rank'] / 2**20:.1f} MiB per rank each way, {what}; "
+          f"median of {args.repeats}; default form on this backend: {d['default']}")
+    print("| | raw all_to_all_single x2 | raw, new output buffers | EP per_expert | EP single | raw / per_expert |"
+          " raw / single | single / per_expert |")
+    print("|---|---|---|---|---|---|---|---|")
     sec = d["seconds"]
-    print(f"| seconds | {sec['raw']:.4f} | {sec['raw_alloc']:.4f} | {sec['ep']:.4f} | {d['raw_over_ep']:.3f} |"
-          f" {d['raw_alloc_over_ep']:.3f} |")
+    print(f"| seconds | {sec['raw']:.4f} | {sec['raw_alloc']:.4f} | {sec['ep_per_expert']:.4f} | {sec['ep_single']:.4f} "
+          f"| {d['raw_over_per_expert']:.3f} | {d['raw_over_single']:.3f} | {d['single_over_per_expert']:.3f} |")
+    if s is None:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"dispatch": d}, indent=1))
+        return
     print(f"\npart 2: tiny-cpu, {s['layout']}, ms per training step")
     ph = s["per_step"]
     print("| attention | route | all-to-all | experts | other | step |")
