@@ -58,7 +58,7 @@ def test_auto_plan_equals_algorithm1_float64():
     moe = ExpertChoiceMoE(12, 20, 8, 2.0, 32, expert_gemm="auto").double()
     equivalence(moe, 8, 32, 2.0, 2, 32)
     (key, (plan, timings)), = expert_gemm.chosen().items()
-    assert key[:4] == (8, 2 * 8, 12, 20) and key[4] == torch.float64      # (E, G*C, d, d_ff): 2 groups, C = 8
+    assert key[:4] == (8, 2 * 8, 12, 20) and key[4] == torch.float64 and key[-1] is False      # (E, G*C, d, d_ff): 2 groups, C = 8
     for role in expert_gemm.ROLES:
         assert set(timings[role]) == set(candidates(role, torch.device("cpu"), torch.float64))
         assert getattr(plan, role) == min(timings[role], key=timings[role].get)
@@ -109,14 +109,23 @@ def test_agreement_decides_the_plan():
         return torch.tensor([0.0 if f == "mm_loop" else 1.0 for _, f in flat], dtype=torch.float64)
 
     expert_gemm.clear_cache()
-    expert_gemm.set_agreement(prefer_mm_loop)
     try:
-        plan = plan_for(2, 8, 4, 8, torch.float32, torch.device("cpu"))
+        plan = plan_for(2, 8, 4, 8, torch.float32, torch.device("cpu"), agree=prefer_mm_loop)
+        again = plan_for(2, 8, 4, 8, torch.float32, torch.device("cpu"), agree=prefer_mm_loop)
     finally:
-        expert_gemm.set_agreement(None)
         expert_gemm.clear_cache()
-    assert plan == GemmPlan.forced("mm_loop")
-    assert len(seen) == 1 and (seen[0] > 0).all()       # real measured seconds went in
+    assert plan == again == GemmPlan.forced("mm_loop")
+    assert len(seen) == 1 and (seen[0] > 0).all()       # measured once, real seconds went in
+
+
+def test_choosing_a_plan_leaves_the_global_random_stream_alone():
+    expert_gemm.clear_cache()
+    torch.manual_seed(1)
+    plan_for(2, 8, 4, 8, torch.float32, torch.device("cpu"))
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(3))
+    expert_gemm.clear_cache()
 
 
 def test_autocast_runs_products_in_autocast_dtype():

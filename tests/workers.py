@@ -124,7 +124,7 @@ def moe_layer(rank: int, world: int, seed: int, router: str, exchange: str = "au
         holder.moe_layers = lambda: [layer]
         apply_expert_parallel(holder, DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("ep",)), exchange)
         expert_gemm.clear_cache()
-        agree_on_expert_gemm()
+        agree_on_expert_gemm(holder)
         x = x_all[rank].clone().requires_grad_(True)
         out = layer(x)
         (out * probe[rank]).sum().backward()

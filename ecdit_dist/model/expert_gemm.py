@@ -19,9 +19,11 @@ therefore runs in one of these forms, each the same products and the same sums:
 
 A plan names the form of each role. `plan_for` picks it by timing the candidate forms on
 the real shapes at first use (cached per shape, dtype and device), or takes a forced form.
-When `set_agreement` has installed a reducer (distributed runs do), the per-form timings
-are combined over all ranks before the choice, so every rank picks the same plan.
-This module imports nothing from torch.distributed.
+Given an `agree` reducer (distributed runs set one on their expert modules), the per-form
+timings are combined over all ranks before the choice, so every rank picks the same plan;
+plans agreed this way are cached apart from local ones. The measurement uses its own random
+generator: choosing a plan never shifts the global random stream. This module imports
+nothing from torch.distributed.
 """
 
 from __future__ import annotations
@@ -127,16 +129,7 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, plan: GemmPl
 
 _plans: dict[tuple, GemmPlan] = {}
 _timings: dict[tuple, dict[str, dict[str, float]]] = {}
-_agreement: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def set_agreement(reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-    """Install a function that combines a 1-D float64 tensor of timings over all ranks (e.g. a
-    sum all-reduce), so that every rank chooses the same plan; None = decide locally. It is
-    called on a cache miss, which happens on every rank at the same expert call because expert
-    choice gives every rank the same static expert shapes."""
-    global _agreement
-    _agreement = reduce
+Agreement = Callable[[torch.Tensor], torch.Tensor]
 
 
 def clear_cache() -> None:
@@ -153,7 +146,9 @@ def candidates(role: str, device: torch.device, dtype: torch.dtype) -> tuple[str
 
 def _role_operands(role: str, E: int, T: int, d: int, f: int, dtype, device):
     """The two products of a role, with operands in the layouts the function passes."""
-    r = lambda *s: torch.randn(*s, dtype=dtype, device=device)  # noqa: E731
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=dtype, device=device, generator=gen)  # noqa: E731
     if role == "fwd":
         return [(r(E, T, d), r(E, d, f)), (r(E, T, f), r(E, f, d))]
     if role == "dgrad":
@@ -190,18 +185,22 @@ def measure(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.de
 
 
 def plan_for(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.device,
-             force: str = "auto") -> GemmPlan:
-    """The plan for these shapes: `force` names one form for every role, 'auto' measures once."""
+             force: str = "auto", agree: Agreement | None = None) -> GemmPlan:
+    """The plan for these shapes: `force` names one form for every role, 'auto' measures once.
+
+    `agree` combines the 1-D float64 tensor of timings over ranks (a sum all-reduce) so that
+    all choose alike. It runs on a cache miss, which every rank meets at the same expert call:
+    expert choice gives every rank the same static expert shapes."""
     if force != "auto":
         return GemmPlan.forced(force)
-    key = (E, T, d, f, dtype, str(device))
+    key = (E, T, d, f, dtype, str(device), agree is not None)
     plan = _plans.get(key)
     if plan is None:
         timings = measure(E, T, d, f, dtype, device)
         flat = [(role, form) for role in ROLES for form in timings[role]]
         vec = torch.tensor([timings[r][k] for r, k in flat], dtype=torch.float64)
-        if _agreement is not None:
-            vec = _agreement(vec).cpu()
+        if agree is not None:
+            vec = agree(vec).cpu()
         agreed = {role: {} for role in ROLES}
         for (role, form), t in zip(flat, vec.tolist()):
             agreed[role][form] = t

@@ -65,6 +65,9 @@ class GroupedExperts(nn.Module):
                              f"{', '.join(FORMS)}")
         self.num_experts = num_experts
         self.gemm = gemm
+        # Combines the GEMM timings over ranks so that all choose the same plan (set by the
+        # parallel layer; None = choose locally).
+        self.gemm_agreement = None
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
@@ -75,7 +78,7 @@ class GroupedExperts(nn.Module):
         if counts is None:
             E, T, d = x.shape
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            plan = plan_for(E, T, d, w1.shape[-1], dtype, x.device, self.gemm)
+            plan = plan_for(E, T, d, w1.shape[-1], dtype, x.device, self.gemm, self.gemm_agreement)
             return expert_ffn(x, w1, w2, plan)                   # (E_local, T, d)
         outs = [F.gelu(xe @ w1[e], approximate="tanh") @ w2[e] for e, xe in enumerate(torch.split(x, counts))]
         return torch.cat(outs) if outs else x

@@ -1,8 +1,9 @@
 """Make every rank choose the same expert GEMM plan.
 
 `ecdit_dist.model.expert_gemm` times the candidate GEMM forms at first use. In a distributed
-run the timings are summed over all ranks before the fastest form is taken, so every rank
-runs the same plan. The sum is one all-reduce of a few numbers per new expert shape; it is
+model the timings are summed over all ranks before the fastest form is taken, so every rank
+runs the same plan. Only the expert modules of the parallelized model carry the all-reduce: a
+plain model that one rank builds for itself (e.g. to sample) decides locally, alone. The sum is one all-reduce of a few numbers per new expert shape; it is
 issued at the experts' first call with that shape, which happens on every rank at the same
 point because expert choice gives every rank the same static expert shapes (and FSDP already
 gathers the expert weights collectively at that call).
@@ -12,8 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-from ecdit_dist.model import expert_gemm
+import torch.nn as nn
 
 
 def _sum_over_ranks(group):
@@ -29,6 +29,9 @@ def _sum_over_ranks(group):
     return reduce
 
 
-def agree_on_expert_gemm(group=None) -> None:
-    """Install the all-reduce (over `group`, default all ranks) that the GEMM selector uses."""
-    expert_gemm.set_agreement(_sum_over_ranks(group))
+def agree_on_expert_gemm(model: nn.Module, group=None) -> None:
+    """Give every expert module of `model` the all-reduce (over `group`, default all ranks) that
+    the GEMM selector uses."""
+    reduce = _sum_over_ranks(group)
+    for layer in model.moe_layers():
+        layer.experts.gemm_agreement = reduce

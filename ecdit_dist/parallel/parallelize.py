@@ -32,7 +32,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.Module:
     if dims.world > 1:
         from ecdit_dist.parallel.gemm_agreement import agree_on_expert_gemm
 
-        agree_on_expert_gemm()
+        agree_on_expert_gemm(model)
         if dims.tp > 1:
             from ecdit_dist.parallel.tp import apply_tensor_parallel
 
