@@ -3,7 +3,9 @@
 `ExpertChoiceMoE` is the EC-DiT layer (paper eq. 5-8, Algorithm 1), written as named
 phases: route -> dispatch -> experts -> combine. Dispatch and combine are a gather and
 a scatter-add over flat token indices; the experts run as one autograd function over
-stacked weights whose GEMM call forms suit the backend (see `ecdit_dist.model.expert_gemm`). The one-hot einsum of Algorithm 1 is kept only as the test reference.
+stacked weights, in the GEMM call forms that are fastest on the backend at hand (see
+`ecdit_dist.model.expert_gemm`). The one-hot einsum of Algorithm 1 is kept only as the
+test reference.
 
 The dispatch buffer is expert-major, (E, G*C, d): expert parallelism (see
 `ecdit_dist.parallel.ep`) splits its first axis over ranks with one all-to-all and
