@@ -104,8 +104,11 @@ def bench_layer(experts: int, tokens: int, dim: int, ffn: int, group: int, cf: f
     if plan != expert_gemm.GemmPlan.forced("bmm"):
         contenders["ec[bmm]"] = ec_forced
     contenders["onehot"] = onehot
+    print(f"  {experts} experts, {dtype}: plan chosen in {select_s:.1f} s; timing {warmup} + {repeats} rounds of "
+          f"{', '.join(contenders)}", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for i in range(warmup + repeats):
+        print(f"  round {i + 1}/{warmup + repeats}", file=sys.stderr, flush=True)
         for name, fn in contenders.items():
             for p in list(ec.parameters()) + list(dense.parameters()):
                 p.grad = None
@@ -142,6 +145,7 @@ def bench_gemms(experts: int, T: int, dim: int, ffn: int, plan: dict, repeats: i
                 dtype: torch.dtype, device: torch.device) -> list[dict]:
     """Every expert GEMM in every candidate form against its dense counterpart (E*T rows, one mm)."""
     rows = []
+    print(f"  {experts} experts, {dtype}: timing the six GEMMs in every form", file=sys.stderr, flush=True)
     for role, name, shapes, trans in GEMMS:
         sa, sb = shapes(experts, T, dim, ffn)
         a, b = _operand(sa, trans[0], dtype, device), _operand(sb, trans[1], dtype, device)
