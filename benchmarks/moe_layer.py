@@ -150,8 +150,9 @@ def bench_gemms(experts: int, T: int, dim: int, ffn: int, plan: dict, repeats: i
         sa, sb = shapes(experts, T, dim, ffn)
         a, b = _operand(sa, trans[0], dtype, device), _operand(sb, trans[1], dtype, device)
         # dense: the same operand roles with E x T rows (or the reduction over E x T tokens) in one mm
-        da_shape = (sa[0] * sa[1], sa[2]) if sa[1] == T else sa[1:]
-        db_shape = (sb[0] * sb[1], sb[2]) if sb[1] == T else sb[1:]
+        # the first operand is always (E, T, .) activations; the second only for weight gradients
+        da_shape = (sa[0] * sa[1], sa[2])
+        db_shape = (sb[0] * sb[1], sb[2]) if role == "wgrad" else sb[1:]
         da, db = _operand(da_shape, trans[0], dtype, device), _operand(db_shape, trans[1], dtype, device)
         fns = {f"expert {f}": (lambda f=f: batched_mm(a, b, f)) for f in candidates(role, device, dtype)}
         fns["dense mm"] = lambda: torch.mm(da, db)
@@ -205,8 +206,6 @@ def main() -> None:
         for e in args.experts:
             r = bench_layer(e, args.tokens, args.dim, args.ffn, args.group, args.capacity_factor, args.repeats,
                             args.warmup, dtype, device)
-            r["gemms"] = (bench_gemms(e, r["tokens_per_expert"], args.dim, args.ffn, r["plan"], args.gemm_repeats,
-                                      dtype, device) if args.gemm_repeats else [])
             r["machine"] = {**info, "loadavg_1m_end": machine_info()["loadavg_1m"]}
             results.append(r)
             s, q = r["seconds"], r["ratio_to_dense"]
@@ -217,7 +216,9 @@ def main() -> None:
             print("| layer fwd+bwd | " + " | ".join(s) + " |")
             print("|---|" + "---|" * len(s))
             print("| seconds | " + " | ".join(f"{v:.3f}" for v in s.values()) + " |")
-            print("| / dense | " + " | ".join(f"{v:.3f}" for v in q.values()) + " |")
+            print("| / dense | " + " | ".join(f"{v:.3f}" for v in q.values()) + " |", flush=True)
+            r["gemms"] = (bench_gemms(e, r["tokens_per_expert"], args.dim, args.ffn, r["plan"], args.gemm_repeats,
+                                      dtype, device) if args.gemm_repeats else [])
             if r["gemms"]:
                 forms = list(r["gemms"][2]["seconds"])            # dgrad: the most forms
                 print(f"\n| GEMM (ms, median of {args.gemm_repeats}) | GFLOP | " + " | ".join(forms) +
