@@ -124,6 +124,12 @@ class MoEConfig:
     """Token choice: expert buffer = ceil(top_k * group_size * this / E); null = no drops."""
     aux_loss_weight: float = 0.01
     """Token choice: weight of the GShard load-balancing loss."""
+    expert_gemm: Literal["auto", "bmm", "bmm_contiguous", "mm_loop", "grouped"] = "auto"
+    """Expert choice: call form of the expert GEMMs (same products, same result). auto = time
+    the candidate forms on the real shapes at first use and keep the fastest per role (forward,
+    input gradient, weight gradient), the same on every rank; bmm = batched matmul on the
+    operands as they are; bmm_contiguous = batched matmul on contiguous copies of transposed
+    operands; mm_loop = one mm per expert; grouped = torch._grouped_mm (CUDA sm90+, bf16)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 0:
@@ -295,6 +301,11 @@ class ParallelConfig:
     world_size: Optional[int] = None
     """Ranks the layout above was written for (nodes x GPUs per node); a run started on another
     world size stops before any collective. null = any world size."""
+    ep_exchange: Literal["auto", "per_expert", "single"] = "auto"
+    """Expert-choice all-to-all form: per_expert = one all_to_all_single per local expert,
+    no copies; single = one all_to_all_single per direction with one permute copy on each
+    side; auto = single on nccl (fewer, larger calls), per_expert on gloo (measured faster
+    on CPU, docs/PERFORMANCE.md)."""
 
     def __post_init__(self) -> None:
         _positive(self, "parallel", ("dp_replicate", "tp", "ep", "timeout_s"))

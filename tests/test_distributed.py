@@ -22,6 +22,7 @@ LAYOUTS = {
     "1-rank": (1, []),
     "dp2": (2, []),
     "ep2": (2, ["parallel.ep=2"]),
+    "ep2-single-exchange": (2, ["parallel.ep=2", "parallel.ep_exchange=single", "moe.expert_gemm=mm_loop"]),
     "tp2": (2, ["parallel.tp=2"]),
     "hsdp2x2-ep2": (4, ["parallel.dp_replicate=2", "parallel.ep=2"]),
     "tp2-ep2": (4, ["parallel.tp=2", "parallel.ep=2"]),
@@ -92,12 +93,16 @@ def test_layout_equals_one_process(layout, references, tmp_path):
             assert r["shards"][name] == want, (layout, rank, name, r["shards"][name], want)
 
 
-@pytest.mark.parametrize("router", ["expert_choice", "token_choice"])
-def test_expert_parallel_layer_equals_one_process(router, tmp_path):
+@pytest.mark.parametrize("router,exchange,gemm", [
+    ("expert_choice", "per_expert", "auto"), ("expert_choice", "single", "auto"),
+    ("expert_choice", "single", "mm_loop"), ("token_choice", "auto", "auto")])
+def test_expert_parallel_layer_equals_one_process(router, exchange, gemm, tmp_path):
     seed = random.SystemRandom().randrange(2**31)
     world = 4
-    results = run_ranks(moe_layer, world, tmp_path, seed, router, timeout=240)
+    results = run_ranks(moe_layer, world, tmp_path, seed, router, exchange, gemm, timeout=240)
     router_grad = sum(r["router_grad"] for r in results)
+    if router == "expert_choice" and gemm == "auto":    # timings summed over ranks: one plan everywhere
+        assert len(results[0]["plans"]) == 1 and all(r["plans"] == results[0]["plans"] for r in results)
     for rank, r in enumerate(results):
         assert r["w1_shape"][0] == 8 // world
         torch.testing.assert_close(r["out"], r["ref_out"], rtol=1e-5, atol=1e-6, msg=f"seed {seed} rank {rank}")

@@ -90,22 +90,26 @@ def equivalence(rank: int, world: int, overrides: list[str], run_dir: str, steps
     return result if rank == 0 else {"shards": result["shards"]}
 
 
-def moe_layer(rank: int, world: int, seed: int, router: str) -> dict[str, Any]:
-    """One expert-parallel MoE layer (ep = world) against the same layer in one process."""
+def moe_layer(rank: int, world: int, seed: int, router: str, exchange: str = "auto",
+              gemm: str = "auto") -> dict[str, Any]:
+    """One expert-parallel MoE layer (ep = world) against the same layer in one process, with the
+    given all-to-all form and expert GEMM form (auto: chosen from timings summed over ranks)."""
     import copy
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
+    from ecdit_dist.model import expert_gemm
     from ecdit_dist.model.moe import ExpertChoiceMoE, TokenChoiceMoE
     from ecdit_dist.parallel.ep import apply_expert_parallel
+    from ecdit_dist.parallel.gemm_agreement import agree_on_expert_gemm
 
     dist.init_process_group("gloo")
     try:
         torch.manual_seed(seed)
         d, E, g = 16, 8, 16
         if router == "expert_choice":
-            layer = ExpertChoiceMoE(d, 32, E, 2.0, g)
+            layer = ExpertChoiceMoE(d, 32, E, 2.0, g, expert_gemm=gemm)
         else:
             layer = TokenChoiceMoE(d, 32, E, top_k=2, token_capacity_factor=None, group_size=g)
         with torch.no_grad():
@@ -118,7 +122,9 @@ def moe_layer(rank: int, world: int, seed: int, router: str) -> dict[str, Any]:
 
         holder = torch.nn.Module()
         holder.moe_layers = lambda: [layer]
-        apply_expert_parallel(holder, DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("ep",)))
+        apply_expert_parallel(holder, DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("ep",)), exchange)
+        expert_gemm.clear_cache()
+        agree_on_expert_gemm(holder)
         x = x_all[rank].clone().requires_grad_(True)
         out = layer(x)
         (out * probe[rank]).sum().backward()
@@ -129,6 +135,7 @@ def moe_layer(rank: int, world: int, seed: int, router: str) -> dict[str, Any]:
             "w1_grad": layer.experts.w1.grad.to_local(), "ref_w1_grad": ref.experts.w1.grad[rank * e_local:(rank + 1) * e_local],
             "w1_shape": tuple(layer.experts.w1.to_local().shape),
             "router_grad": layer.router.weight.grad, "ref_router_grad": ref.router.weight.grad,
+            "plans": [plan for plan, _ in expert_gemm.chosen().values()],
         }
     finally:
         dist.destroy_process_group()

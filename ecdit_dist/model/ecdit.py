@@ -95,7 +95,7 @@ class ECDiTBlock(nn.Module):
             self.ffn: nn.Module = FeedForward(d, mcfg.ffn_hidden)
         elif moe.router == "expert_choice":
             self.ffn = ExpertChoiceMoE(d, mcfg.ffn_hidden, moe.num_experts, moe.capacity_factor,
-                                       moe.group_size, moe.eval_group_size)
+                                       moe.group_size, moe.eval_group_size, moe.expert_gemm)
         else:
             self.ffn = TokenChoiceMoE(d, mcfg.ffn_hidden, moe.num_experts, moe.top_k,
                                       moe.token_capacity_factor, moe.group_size, moe.eval_group_size)

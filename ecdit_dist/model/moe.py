@@ -2,8 +2,10 @@
 
 `ExpertChoiceMoE` is the EC-DiT layer (paper eq. 5-8, Algorithm 1), written as named
 phases: route -> dispatch -> experts -> combine. Dispatch and combine are a gather and
-a scatter-add over flat token indices; the experts run as one batched matmul over
-stacked weights. The one-hot einsum of Algorithm 1 is kept only as the test reference.
+a scatter-add over flat token indices; the experts run as one autograd function over
+stacked weights, in the GEMM call forms that are fastest on the backend at hand (see
+`ecdit_dist.model.expert_gemm`). The one-hot einsum of Algorithm 1 is kept only as the
+test reference.
 
 The dispatch buffer is expert-major, (E, G*C, d): expert parallelism (see
 `ecdit_dist.parallel.ep`) splits its first axis over ranks with one all-to-all and
@@ -18,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ecdit_dist.model.expert_gemm import FORMS, expert_ffn, plan_for
 from ecdit_dist.model.routing import at_least_fp32, expert_choice, token_choice
 
 
@@ -50,15 +53,23 @@ class FeedForward(nn.Module):
 class GroupedExperts(nn.Module):
     """E experts with stacked weights w1 (E, d, d_ff) and w2 (E, d_ff, d).
 
-    `forward` takes an expert-major buffer (E_local, T, d) and runs one batched matmul.
+    `forward` takes an expert-major buffer (E_local, T, d) and runs `expert_ffn`, whose
+    GEMM forms are measured at first use (`gemm="auto"`) or forced (`gemm="mm_loop"`, ...).
     Expert parallelism wraps this module with all-to-all hooks, so it only ever sees
     the experts it owns. Always call the module (not a method): ZeRO-3 gathers the
     weights in the module's forward hooks.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int) -> None:
+    def __init__(self, num_experts: int, dim: int, hidden: int, gemm: str = "auto") -> None:
         super().__init__()
+        if gemm != "auto" and gemm not in FORMS:
+            raise ValueError(f"unknown expert GEMM form {gemm!r} (moe.expert_gemm); choose auto or one of "
+                             f"{', '.join(FORMS)}")
         self.num_experts = num_experts
+        self.gemm = gemm
+        # Combines the GEMM timings over ranks so that all choose the same plan (set by the
+        # parallel layer; None = choose locally).
+        self.gemm_agreement = None
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
@@ -67,8 +78,10 @@ class GroupedExperts(nn.Module):
         expert, counts[e] rows for local expert e (uneven batches, token choice)."""
         w1, w2 = _local(self.w1), _local(self.w2)
         if counts is None:
-            h = F.gelu(torch.bmm(x, w1), approximate="tanh")    # (E_local, T, d_ff)
-            return torch.bmm(h, w2)                              # (E_local, T, d)
+            E, T, d = x.shape
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            plan = plan_for(E, T, d, w1.shape[-1], dtype, x.device, self.gemm, self.gemm_agreement)
+            return expert_ffn(x, w1, w2, plan)                   # (E_local, T, d)
         outs = [F.gelu(xe @ w1[e], approximate="tanh") @ w2[e] for e, xe in enumerate(torch.split(x, counts))]
         return torch.cat(outs) if outs else x
 
@@ -81,14 +94,14 @@ class GroupedExperts(nn.Module):
 
 class _MoEBase(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, group_size: int,
-                 eval_group_size: int | None) -> None:
+                 eval_group_size: int | None, expert_gemm: str = "auto") -> None:
         super().__init__()
         self.dim = dim
         self.num_experts = num_experts
         self.group_size = group_size
         self.eval_group_size = eval_group_size or group_size
         self.router = nn.Linear(dim, num_experts, bias=False)  # router.weight: (E, d)
-        self.experts = GroupedExperts(num_experts, dim, ffn_dim)
+        self.experts = GroupedExperts(num_experts, dim, ffn_dim, expert_gemm)
         self.stats: torch.Tensor | None = None       # (3,) experts/token mean, max, unchosen share
         self.aux_loss: torch.Tensor | None = None
 
@@ -126,8 +139,8 @@ class ExpertChoiceMoE(_MoEBase):
     """
 
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, capacity_factor: float = 2.0,
-                 group_size: int = 1024, eval_group_size: int | None = None) -> None:
-        super().__init__(dim, ffn_dim, num_experts, group_size, eval_group_size)
+                 group_size: int = 1024, eval_group_size: int | None = None, expert_gemm: str = "auto") -> None:
+        super().__init__(dim, ffn_dim, num_experts, group_size, eval_group_size, expert_gemm)
         self.capacity_factor = capacity_factor
         # Order of the experts along the dispatch buffer; None = 0..E-1. Expert parallelism sets a
         # permutation that makes every all-to-all chunk contiguous (see parallel/ep.py).

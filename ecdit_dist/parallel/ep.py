@@ -5,8 +5,10 @@ Expert choice gives every expert exactly C tokens per group, so the dispatch buf
 destination), the all-to-all (one call per local expert slot, autograd-aware, no count
 exchange, no host sync) delivers to each owner its experts' tokens from all ep ranks as the
 (E/ep, ep*T, d) input of one batched matmul, and the same exchange returns the results.
-Neither side copies or reshuffles the buffer. Token choice sends uneven counts, exchanged
-first.
+Neither side copies or reshuffles the buffer. `parallel.ep_exchange=single` instead sends the
+buffer in natural expert order with one all_to_all_single per direction and one permute copy
+(on the receiving side of dispatch, on the sending side of combine): fewer, larger calls,
+which is what NCCL prefers. Token choice sends uneven counts, exchanged first.
 
 Gradient bookkeeping: the all-to-all backward already sums an expert's gradient over the
 ep ranks whose tokens it processed, and FSDP then averages it over the expert-data-parallel
@@ -80,6 +82,62 @@ class _ExpertExchange(torch.autograd.Function):
         return _ExpertExchange._exchange(grad, ctx.group), None
 
 
+def _single_to_experts(x: torch.Tensor, group, ep: int) -> torch.Tensor:
+    """(E, T, d) in natural order (destination k, slot e) -> one all_to_all_single -> (source j,
+    slot e, T, d) -> one permute copy -> (E_local, ep * T, d), source-major per expert."""
+    E, T, d = x.shape
+    recv = torch.empty_like(x)
+    dist.all_to_all_single(recv, x.contiguous(), group=group)
+    return recv.view(ep, E // ep, T, d).transpose(0, 1).contiguous().view(E // ep, ep * T, d)
+
+
+def _single_from_experts(y: torch.Tensor, group, ep: int) -> torch.Tensor:
+    """(E_local, ep * T, d) -> one permute copy -> (destination j, slot e, T, d) -> one
+    all_to_all_single -> (owner k, slot e, T, d) = (E, T, d) in natural order."""
+    E_local, epT, d = y.shape
+    send = y.view(E_local, ep, epT // ep, d).transpose(0, 1).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.view(E_local * ep, epT // ep, d)
+
+
+class _SingleDispatch(torch.autograd.Function):
+    """Dispatch with one all_to_all_single; its backward is the combine exchange, and vice versa."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, ep: int) -> torch.Tensor:
+        ctx.group, ctx.ep = group, ep
+        return _single_to_experts(x, group, ep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _single_from_experts(grad, ctx.group, ctx.ep), None, None
+
+
+class _SingleCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, group, ep: int) -> torch.Tensor:
+        ctx.group, ctx.ep = group, ep
+        return _single_from_experts(y, group, ep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _single_to_experts(grad, ctx.group, ctx.ep), None, None
+
+
+EXCHANGES = ("per_expert", "single")
+
+
+def resolve_exchange(exchange: str, group) -> str:
+    """parallel.ep_exchange: auto = single on nccl (fewer, larger calls), per_expert elsewhere
+    (gloo on CPU: measured in benchmarks/alltoall_dispatch.py, docs/PERFORMANCE.md)."""
+    if exchange == "auto":
+        return "single" if dist.get_backend(group) == "nccl" else "per_expert"
+    if exchange not in EXCHANGES:
+        raise ValueError(f"unknown parallel.ep_exchange {exchange!r}; choose auto, per_expert or single")
+    return exchange
+
+
 def expert_order(num_experts: int, ep: int) -> torch.Tensor:
     """Dispatch order (local slot e, destination k) -> global expert k * E_local + e.
 
@@ -89,18 +147,22 @@ def expert_order(num_experts: int, ep: int) -> torch.Tensor:
     return torch.tensor([k * e_local + e for e in range(e_local) for k in range(ep)])
 
 
-def _dispatch_hook(group, ep: int):
+def _dispatch_hook(group, ep: int, exchange: str = "per_expert"):
     def hook(module, args):
         x = args[0]                                                   # (E, T, d) in expert_order
+        if exchange == "single":                                      # (E, T, d) in natural order
+            return (_SingleDispatch.apply(x, group, ep),)             # (E_local, ep*T, d)
         E, T, d = x.shape
         return (_ExpertExchange.apply(x.view(E // ep, ep * T, d), group),)   # (E_local, ep*T, d)
     hook.profile_phase = "dispatch_a2a"                               # named by ecdit_dist.profiling timers
     return hook
 
 
-def _combine_hook(group, ep: int):
+def _combine_hook(group, ep: int, exchange: str = "per_expert"):
     def hook(module, args, out):
         E_local, epT, d = out.shape                                   # (E_local, ep*T, d)
+        if exchange == "single":
+            return _SingleCombine.apply(out, group, ep)               # (E, T, d) natural order
         return _ExpertExchange.apply(out, group).view(E_local * ep, epT // ep, d)  # (E, T, d)
     hook.profile_phase = "combine_a2a"
     return hook
@@ -126,15 +188,16 @@ def _ragged_expert_parallel(layer: TokenChoiceMoE, group, ep: int):
     return run_experts
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh, exchange: str = "auto") -> None:
     group = ep_mesh.get_group()
     ep = ep_mesh.size()
+    exchange = resolve_exchange(exchange, group)
     for layer in model.moe_layers():
         shard_experts(layer.experts, ep_mesh)
         if isinstance(layer, ExpertChoiceMoE):
-            layer.expert_order = expert_order(layer.num_experts, ep)
-            layer.experts.register_forward_pre_hook(_dispatch_hook(group, ep))
-            layer.experts.register_forward_hook(_combine_hook(group, ep))
+            layer.expert_order = expert_order(layer.num_experts, ep) if exchange == "per_expert" else None
+            layer.experts.register_forward_pre_hook(_dispatch_hook(group, ep, exchange))
+            layer.experts.register_forward_hook(_combine_hook(group, ep, exchange))
         elif isinstance(layer, TokenChoiceMoE):
             layer.run_experts = _ragged_expert_parallel(layer, group, ep)
 

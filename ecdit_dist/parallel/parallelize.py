@@ -30,6 +30,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.Module:
     # WARNING level; they are expected for these meshes and would flood every rank's log.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     if dims.world > 1:
+        from ecdit_dist.parallel.gemm_agreement import agree_on_expert_gemm
+
+        agree_on_expert_gemm(model)
         if dims.tp > 1:
             from ecdit_dist.parallel.tp import apply_tensor_parallel
 
@@ -37,7 +40,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.Module:
         if dims.ep > 1:
             from ecdit_dist.parallel.ep import apply_expert_parallel
 
-            apply_expert_parallel(model, dims.mesh("expert", "ep"))
+            apply_expert_parallel(model, dims.mesh("expert", "ep"), cfg.parallel.ep_exchange)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if dims.world > 1:
