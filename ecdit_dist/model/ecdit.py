@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ecdit_dist.config import ModelConfig, MoEConfig
-from ecdit_dist.model.attention import CrossAttention, SelfAttention
+from ecdit_dist.model.attention import CrossAttention, SelfAttention, attention_bias, compute_dtype
 from ecdit_dist.model.moe import ExpertChoiceMoE, FeedForward, TokenChoiceMoE
 
 
@@ -102,7 +102,7 @@ class ECDiTBlock(nn.Module):
         self.adaln = nn.Linear(d, (6 if self.adaln_ffn else 3) * d)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        # x (B, S, d); c (B, d); text (B, L, text_dim); text_mask (B, L)
+        # x (B, S, d); c (B, d); text (B, L, text_dim); text_mask (B, L) bool or (B, 1, 1, L) additive bias
         mod = self.adaln(F.silu(c)).unsqueeze(1).chunk(6 if self.adaln_ffn else 3, dim=-1)  # each (B, 1, d)
         x = x + mod[2] * self.attn(modulate(self.norm1(x), mod[0], mod[1]))     # x_s
         x = x + self.cross_attn(self.norm2(x), text, text_mask)                  # x' (eq. 4)
@@ -182,8 +182,9 @@ class ECDiT(nn.Module):
         if drop_text is not None:
             text, text_mask = self.null_text(text, text_mask, drop_text)
         c = self.t_embed(t)                                                    # (B, d)
+        text_bias = attention_bias(text_mask, compute_dtype(h))                # (B, 1, 1, L), once
         for block in self.blocks:
-            h = block(h, c, text, text_mask)
+            h = block(h, c, text, text_bias)
         return self.final(h, c)                                                # (B, S', p*p*C)
 
     def null_text(self, text: torch.Tensor, text_mask: torch.Tensor, drop: torch.Tensor):
