@@ -29,6 +29,7 @@ from ecdit_dist.model.moe import TokenChoiceMoE
 from ecdit_dist.optim import EMA, build_optimizer, lr_factor, set_lr
 from ecdit_dist.parallel.dims import ParallelDims
 from ecdit_dist.parallel.init import init_from_seed
+from ecdit_dist.parallel.sampling import ema_weights, sample_with_peers
 from ecdit_dist.parallel.parallelize import clip_grad_norm, finish_gradients, parallelize, set_gradient_sync
 
 # Config sections that define the network: a checkpoint only resumes into the same ones.
@@ -323,24 +324,37 @@ class Trainer:
         from ecdit_dist.sample import sample_grid
 
         cfg = self.cfg
-        if self.dims.world == 1:
-            model = self.model
-            if cfg.sample.use_ema and self.ema is not None:
-                model = copy.deepcopy(self.model)
-                self.ema.copy_to(model)
-        else:
-            weights = self.full_weights()
-            if not self.is_main:
-                return None
-            model = ECDiT(cfg.model, cfg.moe).to(self.device)
-            model.load_state_dict(weights)
         if self.data.decode is None:
-            print("sample grid skipped: the shards do not say how to decode their latents", flush=True)
+            if self.is_main:
+                print("sample grid skipped: the shards do not say how to decode their latents", flush=True)
             return None
         encoder = self.data.text_encoder or build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim,
                                                                cfg.model.text_len, self.device)
-        return sample_grid(model, encoder, self.data.decode, cfg.sample.prompts, cfg.sample.per_prompt,
-                           cfg.sample.steps, cfg.sample.cfg_scale, cfg.seed, path, self.autocast_dtype)
+        args = (encoder, self.data.decode, cfg.sample.prompts, cfg.sample.per_prompt, cfg.sample.steps,
+                cfg.sample.cfg_scale, cfg.seed, path, self.autocast_dtype)
+        use_ema = cfg.sample.use_ema and self.ema is not None
+        if self.dims.world == 1:
+            model = self.model
+            if use_ema:
+                model = copy.deepcopy(self.model)
+                self.ema.copy_to(model)
+            return sample_grid(model, *args)
+        if self.dims.tp == 1:
+            # every rank runs the same prompts through the sharded model (a collective forward):
+            # no full copy of the model anywhere, nobody waits
+            with ema_weights(self.model, self.ema if use_ema else None):
+                out = sample_grid(self.model, *args) if self.is_main else None
+                if not self.is_main:
+                    sample_with_peers(self.model, *args)
+            return out
+        # tensor parallelism splits the sampler's tokens over tp ranks, which its batch padding does not
+        # guarantee: the first rank samples from a full copy in host memory instead (not on its GPU)
+        weights = self.full_weights()
+        if not self.is_main:
+            return None
+        model = ECDiT(cfg.model, cfg.moe)
+        model.load_state_dict(weights)
+        return sample_grid(model, *args)
 
     def run(self) -> dict[str, Any]:
         """fit(), then leave the process group (waiting for the other ranks only after success)."""
