@@ -28,16 +28,39 @@ def by_mesh(params: Iterable[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+class _StepPerMesh:
+    """Run the optimizer's foreach kernels once per device mesh.
+
+    foreach kernels take many tensors in one dispatch, but not DTensors of different meshes
+    (dense weights and experts live on different ones) together. During `step` each parameter
+    group is split by mesh (same hyperparameters, same per-parameter state); outside it the
+    groups are untouched, so the optimizer's state dict (and every checkpoint) has the same
+    structure on every layout."""
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [{**g, "params": [g["params"][i] for i in idx]}
+                             for g in groups for idx in by_mesh(g["params"])]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
+class RMSprop(_StepPerMesh, torch.optim.RMSprop):
+    pass
+
+
+class AdamW(_StepPerMesh, torch.optim.AdamW):
+    pass
+
+
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    # One parameter group per device mesh (dense weights, experts): foreach kernels take many
-    # tensors in one dispatch but not DTensors of different meshes together.
-    groups = [{"params": [params[i] for i in idx]} for idx in by_mesh(params)]
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum, foreach=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=True)
+        return RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       momentum=cfg.momentum, foreach=True)
+    return AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -216,3 +216,13 @@ def moe_layer_cuda(rank: int, world: int, seed: int, router: str) -> dict[str, A
                 "ref_w1_grad": ref.experts.w1.grad[rank * e_local:(rank + 1) * e_local].cpu()}
     finally:
         dist.destroy_process_group()
+
+
+def sample_at_end(rank: int, world: int, overrides: list[str], run_dir: str) -> None:
+    """Train 2 steps and write the end-of-run sample grid (2 Euler steps, one image per prompt)."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    over = [*QUIET, "sample.at_end=true", "sample.steps=2", "sample.per_prompt=1", "train.steps=2", *overrides,
+            f"run.dir={run_dir}"]
+    Trainer(load_config(TINY, over)).run()

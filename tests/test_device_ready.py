@@ -121,3 +121,21 @@ def test_meta_init_equals_full_init_bit_for_bit(world, overrides, full_init_refe
     # the experts are distinct (no two shards of a distributed tensor received the same values)
     w1 = ref["blocks.1.ffn.experts.w1"]
     assert not torch.equal(w1[0], w1[1])
+
+
+@pytest.mark.slow
+def test_sampling_during_training_uses_the_sharded_model(tmp_path):
+    """The end-of-run grid of 2 ranks (ep2: every rank samples through the sharded model, EMA
+    swapped in) shows the images one process draws (1 level of 255 for float reduction order)."""
+    import numpy as np
+    from PIL import Image
+
+    from gpu_workers import sample_at_end
+
+    run_ranks(sample_at_end, 1, tmp_path / "r1", [], str(tmp_path / "one"), timeout=420)
+    run_ranks(sample_at_end, 2, tmp_path / "r2", ["parallel.ep=2"], str(tmp_path / "two"), timeout=420)
+    name = "samples/step-00000002.png"
+    a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
+    assert a.shape == b.shape and a.std() > 0
+    assert np.abs(a - b).max() <= 1
