@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from ecdit_dist.checkpoint.manager import CheckpointError, CheckpointManager, read_meta, verify_checkpoint
-from ecdit_dist.config import Config, config_from_dict
+from ecdit_dist.config import Config, ConfigError, config_from_dict
 from ecdit_dist.data.shapes import ShapesSource, ToyVAE
 from ecdit_dist.data.storage import DataError
 from ecdit_dist.data.text import TextEncoder, build_text_encoder
@@ -45,7 +45,7 @@ def sampling_device(name: str = "auto") -> torch.device:
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu or auto")
     return device
 
 
