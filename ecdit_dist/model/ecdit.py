@@ -57,6 +57,19 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return emb.float()
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose affine weights follow the input's dtype.
+
+    Under a bf16 weight-gathering policy (FSDP2 mixed precision) the residual stream stays
+    fp32 while the gathered weights are bf16; the layer_norm kernels take mixed dtypes only
+    the other way round (low-precision input, fp32 weights), so the weights are upcast here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoidal features of 1000 t -> two-layer MLP of width d."""
 
@@ -87,9 +100,9 @@ class ECDiTBlock(nn.Module):
         self.adaln_ffn = mcfg.adaln == "attn_ffn"
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, mcfg.num_heads, mcfg.num_kv_heads)
-        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.norm2 = LayerNorm(d, eps=1e-6)
         self.cross_attn = CrossAttention(d, mcfg.text_dim, mcfg.num_heads, mcfg.cross_kv_heads or mcfg.num_heads)
-        self.norm3 = nn.LayerNorm(d, elementwise_affine=not self.adaln_ffn, eps=1e-6)
+        self.norm3 = LayerNorm(d, elementwise_affine=not self.adaln_ffn, eps=1e-6)
         self.is_moe = moe.is_moe_layer(layer)
         if not self.is_moe:
             self.ffn: nn.Module = FeedForward(d, mcfg.ffn_hidden)
