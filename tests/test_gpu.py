@@ -19,7 +19,7 @@ needs_2 = pytest.mark.skipif(NGPU < 2, reason=f"needs 2 GPUs, {NGPU} visible")
 needs_4 = pytest.mark.skipif(NGPU < 4, reason=f"needs 4 GPUs, {NGPU} visible")
 
 # Tolerances of the GPU contract (docs/PARALLELISM.md, "Precision and tolerances").
-FP32_GPU_RTOL = 1e-3       # fp32 (TF32 matmuls) on GPU vs fp32 on CPU, losses of the first steps
+FP32_GPU_RTOL = 2e-3       # fp32 (TF32 matmuls) on GPU vs fp32 on CPU, losses of the first steps
 LAYOUT_FP32_RTOL = 1e-4    # N GPUs vs 1 GPU, fp32: reduction order and index_add atomics only
 BF16_VS_FP32_RTOL = 3e-2   # bf16 autocast + FSDP2 bf16 policy vs fp32, losses of the first steps
 BF16_LAYOUT_RTOL = 2e-2    # bf16 on N GPUs vs bf16 on 1 GPU

@@ -1,7 +1,8 @@
 """Turn a plain ECDiT into its distributed form, in this order:
 
     tensor parallel (DTensor plans)  ->  expert parallel (all-to-all hooks)
-    ->  activation checkpointing     ->  ZeRO-3 (FSDP2, per block; experts on their own mesh)
+    ->  activation checkpointing     ->  ZeRO-3 (FSDP2, per block; experts on their own mesh;
+                                            each router its own fp32 unit)
 
 One process gets activation checkpointing only. After the backward pass,
 `finish_gradients` applies the two corrections that plain FSDP cannot know about
