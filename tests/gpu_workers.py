@@ -82,6 +82,14 @@ def bf16_run(rank: int, world: int, overrides: list[str], run_dir: str, steps: i
     trainer = Trainer(cfg)
     rec: dict[str, Any] = {"t_dtype": [], "router": [], "choices": []}
     model = trainer.model
+    # The dense FFNs' row-parallel output projections add bf16 partial products over tp ranks, which
+    # one process rounds once: bf16 tensor parallelism changes the residual stream by a rounding
+    # (as in Megatron). Their weights start at zero here, so the first forward's router inputs are
+    # equal by construction and the comparison isolates the routing precision itself.
+    with torch.no_grad():
+        for block in model.blocks:
+            if not block.is_moe:
+                block.ffn.w2.weight.zero_()
     model.t_embed.register_forward_pre_hook(lambda m, args: rec["t_dtype"].append(str(args[0].dtype)))
     for layer in model.moe_layers():
         layer.router.register_forward_hook(
