@@ -82,12 +82,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from ecdit_dist.inference import load_for_sampling
     from ecdit_dist.sample import sample_grid
 
-    bundle = load_for_sampling(args.checkpoint, use_ema=not args.no_ema)
+    bundle = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=args.device,
+                               precision=args.precision)
     prompts = args.prompt or bundle.cfg.sample.prompts
     steps = args.steps or bundle.cfg.sample.steps
     scale = bundle.cfg.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
     path = sample_grid(bundle.model, bundle.text_encoder, bundle.decode, prompts, args.per_prompt, steps,
-                       scale, args.seed, args.out)
+                       scale, args.seed, args.out, bundle.autocast_dtype)
     print(f"wrote {len(prompts) * args.per_prompt} samples ({len(prompts)} prompts x {args.per_prompt}) "
           f"from {bundle.checkpoint} to {path}")
     return 0
@@ -350,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="noise seed")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     s.add_argument("--out", default="samples.png", help="output PNG path")
+    s.add_argument("--device", default="auto",
+                   help="auto (the first GPU when CUDA is available, else the CPU), cpu, cuda or cuda:N")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto = bf16 autocast on a GPU, fp32 on the CPU")
     s.set_defaults(func=_cmd_sample)
 
     _add_convert(sub)

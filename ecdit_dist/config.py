@@ -226,8 +226,10 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None
     """Images per forward pass on one rank; gradients accumulate over
     global_batch_size / (dp * micro_batch_size) passes. None = no accumulation."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 = autocast compute in bfloat16 with fp32 master weights."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 = autocast compute in bfloat16 with fp32 master weights (FSDP2 gathers bf16 weights and
+    reduces gradients in fp32; router, timestep and routing math stay fp32); auto = bf16 on CUDA
+    (with TF32 for what stays fp32), fp32 on CPU. docs/PARALLELISM.md, "Precision"."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
     init: Literal["auto", "full", "meta"] = "auto"
@@ -295,7 +297,8 @@ class ParallelConfig:
     ep: int = 1
     """Expert-parallel degree; drawn from dp_shard x tp."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Collective backend; auto = nccl on CUDA, gloo on CPU."""
+    """Collective backend; auto (or nccl) on CUDA = "cpu:gloo,cuda:nccl" (NCCL for GPU tensors, gloo
+    beside it for CPU tensors); gloo on CPU. gloo with CUDA is refused."""
     timeout_s: int = 600
     """Collective timeout: a dead peer fails the run after this long instead of hanging."""
     world_size: Optional[int] = None
@@ -306,6 +309,10 @@ class ParallelConfig:
     no copies; single = one all_to_all_single per direction with one permute copy on each
     side; auto = single on nccl (fewer, larger calls), per_expert on gloo (measured faster
     on CPU, docs/PERFORMANCE.md)."""
+    sync_every_micro_batch: bool = False
+    """Under gradient accumulation, reduce-scatter gradients after every micro-batch (sharded
+    gradients, more communication) instead of only after the last one (one reduce-scatter per
+    step; each rank holds unsharded gradients of its FSDP units until then)."""
 
     def __post_init__(self) -> None:
         _positive(self, "parallel", ("dp_replicate", "tp", "ep", "timeout_s"))

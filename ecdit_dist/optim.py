@@ -12,15 +12,55 @@ from ecdit_dist.config import OptimConfig
 from ecdit_dist.parallel.ac import clean_fqn
 
 
+def mesh_key(t: torch.Tensor):
+    """Which device mesh (and placements) a tensor lives on; None for a plain tensor."""
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return None
+    return (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names)
+
+
+def by_mesh(params: Iterable[torch.Tensor]) -> list[list[int]]:
+    """Indices of `params` grouped by mesh, groups in order of first appearance."""
+    groups: dict = {}
+    for i, p in enumerate(params):
+        groups.setdefault(mesh_key(p), []).append(i)
+    return list(groups.values())
+
+
+class _StepPerMesh:
+    """Run the optimizer's foreach kernels once per device mesh.
+
+    foreach kernels take many tensors in one dispatch, but not DTensors of different meshes
+    (dense weights and experts live on different ones) together. During `step` each parameter
+    group is split by mesh (same hyperparameters, same per-parameter state); outside it the
+    groups are untouched, so the optimizer's state dict (and every checkpoint) has the same
+    structure on every layout."""
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        self.param_groups = [{**g, "params": [g["params"][i] for i in idx]}
+                             for g in groups for idx in by_mesh(g["params"])]
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
+class RMSprop(_StepPerMesh, torch.optim.RMSprop):
+    pass
+
+
+class AdamW(_StepPerMesh, torch.optim.AdamW):
+    pass
+
+
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    # foreach kernels do not accept a mix of DTensors on different meshes; the per-parameter
-    # path is the one that runs everywhere (dense weights and experts live on different meshes).
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay, momentum=cfg.momentum, foreach=False)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=False)
+        return RMSprop(params, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       momentum=cfg.momentum, foreach=True)
+    return AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -58,11 +98,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """shadow += (1 - decay) (weight - shadow): one foreach lerp per device mesh."""
         d = self.decay_at(step)
-        for name, p in model.named_parameters():
-            shadow = self.shadow.get(clean_fqn(name))
-            if shadow is not None:
-                shadow.lerp_(p.detach().float(), 1.0 - d)
+        pairs = [(self.shadow[clean_fqn(n)], p.detach()) for n, p in model.named_parameters()
+                 if clean_fqn(n) in self.shadow]
+        for idx in by_mesh([s for s, _ in pairs]):
+            shadows = [pairs[i][0] for i in idx]
+            weights = [pairs[i][1] if pairs[i][1].dtype == pairs[i][0].dtype else pairs[i][1].float() for i in idx]
+            torch._foreach_lerp_(shadows, weights, 1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -22,13 +22,16 @@ from ecdit_dist.checkpoint.manager import CheckpointManager, Dist, read_meta
 from ecdit_dist.config import Config, ConfigError, dump_config, load_config
 from ecdit_dist.data.pipeline import DataPipeline
 from ecdit_dist.data.storage import DataError
+from ecdit_dist.device import autocast_dtype, enable_tf32, process_group_backend, select_device, to_device
 from ecdit_dist.diffusion import interpolate, velocity_target
 from ecdit_dist.metrics import MetricsLogger
 from ecdit_dist.model import ECDiT, patchify
 from ecdit_dist.model.moe import TokenChoiceMoE
 from ecdit_dist.optim import EMA, build_optimizer, lr_factor, set_lr
 from ecdit_dist.parallel.dims import ParallelDims
-from ecdit_dist.parallel.parallelize import clip_grad_norm, finish_gradients, parallelize
+from ecdit_dist.parallel.init import init_from_seed
+from ecdit_dist.parallel.parallelize import clip_grad_norm, finish_gradients, parallelize, set_gradient_sync
+from ecdit_dist.parallel.sampling import ema_weights, sample_with_peers
 from ecdit_dist.preemption import EXIT_PREEMPTED, Preemption
 
 # Config sections that define the network: a checkpoint only resumes into the same ones.
@@ -45,19 +48,16 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         rank, world, local_rank = launch_env()
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", local_rank)
+        self.device = select_device(local_rank)
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+        enable_tf32(self.device.type)
         # SIGTERM / SIGUSR1 from here on: all ranks save the step they reach and stop (ecdit_dist/preemption.py)
         self.preemption = Preemption(self.device, world > 1).install()
         # every check runs before the first collective, so a bad layout fails the same way on every rank
         self.dims = ParallelDims.from_config(cfg, world, self.device.type)
+        backend = process_group_backend(cfg.parallel.backend, self.device.type)
         if world > 1 and not dist.is_initialized():
-            backend = cfg.parallel.backend
-            if backend == "auto":
-                backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s),
                                     device_id=self.device if self.device.type == "cuda" else None)
         self.dims.build_meshes()
@@ -66,7 +66,7 @@ class Trainer:
         coords = self.dims.coords(rank)
         self.dp_rank, self.dp_size = coords["dp"], self.dims.dp
         self.run_dir = Path(cfg.run.dir)
-        self.autocast_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device.type)
 
         self.model = self.build_model()
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
@@ -89,14 +89,18 @@ class Trainer:
             big = count_params(cfg.model, cfg.moe)["backbone_params"] > META_INIT_THRESHOLD
             init = "meta" if big and self.dims.world > 1 else "full"
         torch.manual_seed(cfg.seed)
+        # both paths take their values from init_from_seed: the same weights on every layout and device
         if init == "full":
-            model = ECDiT(cfg.model, cfg.moe).to(self.device)
+            with torch.device("meta"):
+                model = ECDiT(cfg.model, cfg.moe)
+            model.to_empty(device=self.device)
+            init_from_seed(model, cfg.seed)
             return parallelize(model, self.dims, cfg)
         with torch.device("meta"):
             model = ECDiT(cfg.model, cfg.moe)
         model = parallelize(model, self.dims, cfg)
         model.to_empty(device=self.device)
-        model.init_weights()
+        init_from_seed(model, cfg.seed)
         return model
 
     def _dist_ops(self) -> Dist:
@@ -104,7 +108,8 @@ class Trainer:
             return Dist()
 
         def all_ok(ok: bool) -> bool:
-            flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+            # on the training device: correct on an NCCL-only group too
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             return bool(flag.item())
 
@@ -212,12 +217,16 @@ class Trainer:
         dev = self.device
         loss_sum = torch.zeros((), device=dev)
         aux_sum = torch.zeros((), device=dev)
-        for start in range(0, per_rank, micro):
+        micro_batches = list(range(0, per_rank, micro))
+        for start in micro_batches:
             sl = slice(start, start + micro)
-            keep = draws.keep[sl].to(dev) if draws.keep is not None else None
-            per_sample = self.forward_loss(latents[sl].to(dev), text[sl].to(dev), text_mask[sl].to(dev),
-                                           draws.noise[sl].to(dev), draws.t[sl].to(dev), keep,
-                                           draws.drop_text[sl].to(dev))
+            # one pinned, non-blocking host-to-device copy per micro-batch (a no-op on CPU)
+            x, txt, msk, noise, t, keep, drop = to_device(
+                [latents[sl], text[sl], text_mask[sl], draws.noise[sl], draws.t[sl],
+                 draws.keep[sl] if draws.keep is not None else None, draws.drop_text[sl]], dev)
+            # under accumulation, FSDP reduce-scatters only after the last micro-batch
+            set_gradient_sync(self.model, start == micro_batches[-1], cfg)
+            per_sample = self.forward_loss(x, txt, msk, noise, t, keep, drop)
             loss = per_sample.sum() / per_rank
             # each tp rank routes its own share of the tokens: their aux losses average over tp
             aux = self.aux_loss() * (micro / per_rank / self.dims.tp)
@@ -333,24 +342,37 @@ class Trainer:
         from ecdit_dist.sample import sample_grid
 
         cfg = self.cfg
-        if self.dims.world == 1:
-            model = self.model
-            if cfg.sample.use_ema and self.ema is not None:
-                model = copy.deepcopy(self.model)
-                self.ema.copy_to(model)
-        else:
-            weights = self.full_weights()
-            if not self.is_main:
-                return None
-            model = ECDiT(cfg.model, cfg.moe).to(self.device)
-            model.load_state_dict(weights)
         if self.data.decode is None:
-            print("sample grid skipped: the shards do not say how to decode their latents", flush=True)
+            if self.is_main:
+                print("sample grid skipped: the shards do not say how to decode their latents", flush=True)
             return None
         encoder = self.data.text_encoder or build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim,
                                                                cfg.model.text_len, self.device)
-        return sample_grid(model, encoder, self.data.decode, cfg.sample.prompts, cfg.sample.per_prompt,
-                           cfg.sample.steps, cfg.sample.cfg_scale, cfg.seed, path, self.autocast_dtype)
+        args = (encoder, self.data.decode, cfg.sample.prompts, cfg.sample.per_prompt, cfg.sample.steps,
+                cfg.sample.cfg_scale, cfg.seed, path, self.autocast_dtype)
+        use_ema = cfg.sample.use_ema and self.ema is not None
+        if self.dims.world == 1:
+            model = self.model
+            if use_ema:
+                model = copy.deepcopy(self.model)
+                self.ema.copy_to(model)
+            return sample_grid(model, *args)
+        if self.dims.tp == 1:
+            # every rank runs the same prompts through the sharded model (a collective forward):
+            # no full copy of the model anywhere, nobody waits
+            with ema_weights(self.model, self.ema if use_ema else None):
+                out = sample_grid(self.model, *args) if self.is_main else None
+                if not self.is_main:
+                    sample_with_peers(self.model, *args)
+            return out
+        # tensor parallelism splits the sampler's tokens over tp ranks, which its batch padding does not
+        # guarantee: the first rank samples from a full copy in host memory instead (not on its GPU)
+        weights = self.full_weights()
+        if not self.is_main:
+            return None
+        model = ECDiT(cfg.model, cfg.moe)
+        model.load_state_dict(weights)
+        return sample_grid(model, *args)
 
     def run(self) -> dict[str, Any]:
         """fit(), then leave the process group (waiting for the other ranks only after success)."""

@@ -1,5 +1,10 @@
 """Self-attention with grouped-query heads and cross-attention to text (paper eq. 2-3).
 
+Kernels (CUDA, bf16): self-attention has no mask and reaches FlashAttention-2 (GQA through
+`enable_gqa`, no repeated K/V); cross-attention has an additive padding bias, which
+FlashAttention does not take, and reaches the memory-efficient kernel (or cuDNN where
+available). On CPU both use the fused flash-style CPU kernel or the math path.
+
 Projections are separate `nn.Linear`s so tensor parallelism can shard them by module
 path (q/k/v column-wise, o row-wise). Head counts are read from the tensor shapes,
 never from the config, so the same code runs on a tensor-parallel shard that holds
@@ -16,6 +21,26 @@ import torch.nn.functional as F
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     B, L, _ = x.shape
     return x.view(B, L, -1, head_dim).transpose(1, 2)      # (B, H, L, hd)
+
+
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool, True = attend -> (B, 1, 1, L) additive bias (0 / -inf) in `dtype`.
+
+    Built once per forward and shared by every cross-attention layer. Its rows are stored
+    16-element aligned (a view of a padded buffer), the layout the fused memory-efficient
+    kernel needs, so SDPA uses it as it is instead of padding a copy in every layer."""
+    B, L = mask.shape
+    padded = (L + 15) // 16 * 16
+    bias = torch.full((B, 1, 1, padded), float("-inf"), dtype=dtype, device=mask.device)
+    bias[..., :L].masked_fill_(mask[:, None, None, :], 0.0)
+    return bias[..., :L]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` produce: the autocast dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class SelfAttention(nn.Module):
@@ -59,12 +84,13 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        # x (B, S, d); text (B, L, text_dim); text_mask (B, L) bool, True = real token
+        # x (B, S, d); text (B, L, text_dim); text_mask (B, L) bool, True = real token,
+        # or the (B, 1, 1, L) additive bias of `attention_bias` (what ECDiT passes)
         q = _heads(self.q_proj(x), self.head_dim)            # (B, H, S, hd)
         k = _heads(self.k_proj(text), self.head_dim)         # (B, Hkv, L, hd)
         v = _heads(self.v_proj(text), self.head_dim)         # (B, Hkv, L, hd)
-        mask = text_mask[:, None, None, :]                   # (B, 1, 1, L)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        bias = text_mask if text_mask.dim() == 4 else attention_bias(text_mask, q.dtype)  # (B, 1, 1, L)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(o.transpose(1, 2).flatten(2))     # (B, S, d)
 
     def init_weights(self) -> None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ecdit_dist.config import ModelConfig, MoEConfig
-from ecdit_dist.model.attention import CrossAttention, SelfAttention
+from ecdit_dist.model.attention import CrossAttention, SelfAttention, attention_bias, compute_dtype
 from ecdit_dist.model.moe import ExpertChoiceMoE, FeedForward, TokenChoiceMoE
 
 
@@ -57,6 +57,19 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return emb.float()
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm whose affine weights follow the input's dtype.
+
+    Under a bf16 weight-gathering policy (FSDP2 mixed precision) the residual stream stays
+    fp32 while the gathered weights are bf16; the layer_norm kernels take mixed dtypes only
+    the other way round (low-precision input, fp32 weights), so the weights are upcast here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> sinusoidal features of 1000 t -> two-layer MLP of width d."""
 
@@ -87,9 +100,9 @@ class ECDiTBlock(nn.Module):
         self.adaln_ffn = mcfg.adaln == "attn_ffn"
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(d, mcfg.num_heads, mcfg.num_kv_heads)
-        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.norm2 = LayerNorm(d, eps=1e-6)
         self.cross_attn = CrossAttention(d, mcfg.text_dim, mcfg.num_heads, mcfg.cross_kv_heads or mcfg.num_heads)
-        self.norm3 = nn.LayerNorm(d, elementwise_affine=not self.adaln_ffn, eps=1e-6)
+        self.norm3 = LayerNorm(d, elementwise_affine=not self.adaln_ffn, eps=1e-6)
         self.is_moe = moe.is_moe_layer(layer)
         if not self.is_moe:
             self.ffn: nn.Module = FeedForward(d, mcfg.ffn_hidden)
@@ -102,7 +115,7 @@ class ECDiTBlock(nn.Module):
         self.adaln = nn.Linear(d, (6 if self.adaln_ffn else 3) * d)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        # x (B, S, d); c (B, d); text (B, L, text_dim); text_mask (B, L)
+        # x (B, S, d); c (B, d); text (B, L, text_dim); text_mask (B, L) bool or (B, 1, 1, L) additive bias
         mod = self.adaln(F.silu(c)).unsqueeze(1).chunk(6 if self.adaln_ffn else 3, dim=-1)  # each (B, 1, d)
         x = x + mod[2] * self.attn(modulate(self.norm1(x), mod[0], mod[1]))     # x_s
         x = x + self.cross_attn(self.norm2(x), text, text_mask)                  # x' (eq. 4)
@@ -182,8 +195,9 @@ class ECDiT(nn.Module):
         if drop_text is not None:
             text, text_mask = self.null_text(text, text_mask, drop_text)
         c = self.t_embed(t)                                                    # (B, d)
+        text_bias = attention_bias(text_mask, compute_dtype(h))                # (B, 1, 1, L), once
         for block in self.blocks:
-            h = block(h, c, text, text_mask)
+            h = block(h, c, text, text_bias)
         return self.final(h, c)                                                # (B, S', p*p*C)
 
     def null_text(self, text: torch.Tensor, text_mask: torch.Tensor, drop: torch.Tensor):

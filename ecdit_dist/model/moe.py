@@ -114,9 +114,15 @@ class _MoEBase(nn.Module):
         return g
 
     def gating(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Router logits in float32 (or float64 for float64 inputs): (..., d) -> (..., E)."""
+        """Router logits in float32 (or float64 for float64 inputs): (..., d) -> (..., E).
+
+        The router module is called (not its weight read), so that a distributed wrapper that
+        gathers its weight in its own forward (FSDP, fp32 policy) sees the call."""
+        x = at_least_fp32(tokens)
         with torch.autocast(tokens.device.type, enabled=False):
-            return F.linear(at_least_fp32(tokens), at_least_fp32(self.router.weight))
+            if self.router.weight.dtype == x.dtype:
+                return self.router(x)
+            return F.linear(x, at_least_fp32(self.router.weight))
 
     @torch.no_grad()
     def _record(self, token_index: torch.Tensor, num_tokens: int) -> None:
@@ -145,6 +151,7 @@ class ExpertChoiceMoE(_MoEBase):
         # Order of the experts along the dispatch buffer; None = 0..E-1. Expert parallelism sets a
         # permutation that makes every all-to-all chunk contiguous (see parallel/ep.py).
         self.expert_order: torch.Tensor | None = None
+        self._order_cache: torch.Tensor | None = None
         for g in (self.group_size, self.eval_group_size):
             if expert_capacity(g, capacity_factor, num_experts) < 1:
                 raise ValueError(f"capacity ceil({g} * {capacity_factor} / {num_experts}) < 1")
@@ -170,10 +177,17 @@ class ExpertChoiceMoE(_MoEBase):
         rows = (choice.index + offset).transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
         gate = choice.gate.transpose(0, 1).reshape(self.num_experts, -1)              # (E, G*C)
         if self.expert_order is not None:
-            order = self.expert_order.to(rows.device)
+            order = self._order_on(rows.device)
             rows, gate = rows.index_select(0, order), gate.index_select(0, order)
         self._record(rows, G * g)
         return gate, rows
+
+    def _order_on(self, device: torch.device) -> torch.Tensor:
+        """`expert_order` on `device`, copied once and cached (no copy per forward or recompute)."""
+        cached = self._order_cache
+        if cached is None or cached.device != device:
+            cached = self._order_cache = self.expert_order.to(device)
+        return cached
 
     @staticmethod
     def dispatch(tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -182,9 +196,14 @@ class ExpertChoiceMoE(_MoEBase):
 
     @staticmethod
     def combine(y_e: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        weighted = y_e * gate.unsqueeze(-1).to(y_e.dtype)   # (E, G*C, d)
-        out = y_e.new_zeros(num_tokens, y_e.shape[-1])       # (N, d)
-        return out.index_add(0, rows.reshape(-1), weighted.reshape(-1, y_e.shape[-1]))
+        """Sum over experts of gate x expert output, accumulated in fp32 (or wider) whatever the
+        compute dtype, then returned in the experts' dtype. (On CUDA, index_add's float atomics
+        make the order of the few additions per token vary: a relative error of ~1e-7 in fp32.)"""
+        acc = torch.promote_types(y_e.dtype, torch.float32)
+        weighted = y_e.to(acc) * gate.unsqueeze(-1).to(acc)  # (E, G*C, d)
+        out = torch.zeros(num_tokens, y_e.shape[-1], dtype=acc, device=y_e.device)  # (N, d)
+        out = out.index_add(0, rows.reshape(-1), weighted.reshape(-1, y_e.shape[-1]))
+        return out.to(y_e.dtype)
 
 
 class TokenChoiceMoE(_MoEBase):
@@ -216,8 +235,10 @@ class TokenChoiceMoE(_MoEBase):
         self._record(choice.token, n)
         x_sorted = tokens.index_select(0, choice.token)     # (A, d) grouped by expert
         y = self.run_experts(x_sorted, choice.counts)        # (A, d)
-        weighted = y * choice.gate.unsqueeze(-1).to(y.dtype)
-        return tokens.new_zeros(n, shape[-1]).index_add(0, choice.token, weighted).view(shape)
+        acc = torch.promote_types(y.dtype, torch.float32)    # accumulate in fp32, as expert choice
+        weighted = y.to(acc) * choice.gate.unsqueeze(-1).to(acc)
+        out = torch.zeros(n, shape[-1], dtype=acc, device=y.device).index_add(0, choice.token, weighted)
+        return out.to(y.dtype).view(shape)
 
     def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Uneven per-expert batches; expert parallelism replaces this with an all-to-all version."""

@@ -180,8 +180,9 @@ def _ragged_expert_parallel(layer: TokenChoiceMoE, group, ep: int):
         recv_splits = recv_matrix.sum(1).tolist()
         recv = all_to_all(x_sorted, group, recv_splits, send_splits)
         # rows arrive grouped by source, then local expert: regroup by local expert
-        local_expert = torch.repeat_interleave(torch.arange(E_local).repeat(ep), recv_matrix.flatten())
-        order = torch.argsort(local_expert, stable=True).to(recv.device)
+        slots = torch.arange(E_local, device=recv_matrix.device).repeat(ep)     # device-typed, like the counts
+        local_expert = torch.repeat_interleave(slots, recv_matrix.flatten())
+        order = torch.argsort(local_expert, stable=True)
         y_sorted = layer.experts(recv.index_select(0, order), recv_matrix.sum(0).tolist())
         y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
         return all_to_all(y, group, send_splits, recv_splits)

@@ -1,7 +1,8 @@
 """Turn a plain ECDiT into its distributed form, in this order:
 
     tensor parallel (DTensor plans)  ->  expert parallel (all-to-all hooks)
-    ->  activation checkpointing     ->  ZeRO-3 (FSDP2, per block; experts on their own mesh)
+    ->  activation checkpointing     ->  ZeRO-3 (FSDP2, per block; experts on their own mesh;
+                                            each router its own fp32 unit)
 
 One process gets activation checkpointing only. After the backward pass,
 `finish_gradients` applies the two corrections that plain FSDP cannot know about
@@ -21,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from ecdit_dist.config import Config
+from ecdit_dist.device import autocast_dtype
+from ecdit_dist.optim import mesh_key
 from ecdit_dist.parallel.ac import apply_activation_checkpointing
 from ecdit_dist.parallel.dims import ParallelDims
 
@@ -49,11 +52,28 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config) -> nn.Module:
 
 
 def mixed_precision(cfg: Config, device_type: str):
+    """FSDP2 policy of the blocks, the experts and the root.
+
+    bf16: weights are gathered in bf16 and gradients reduced in fp32. Module inputs are NOT
+    cast (cast_forward_inputs=False): the timestep t, the text, the masks and the residual
+    stream keep their dtype, exactly as in one process under autocast, which does the bf16
+    compute. (FSDP2's default would round t to bf16 before the sinusoidal embedding of 1000 t,
+    an error of up to ~2 rad.) The same policy applies on CPU, where the tests exercise it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if cfg.train.precision == "bf16" and device_type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+    if autocast_dtype(cfg.train.precision, device_type) == torch.bfloat16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+    return MixedPrecisionPolicy(cast_forward_inputs=False)
+
+
+def router_precision():
+    """The router is its own FSDP unit, always fp32: its weights are gathered in fp32 and its
+    input is upcast, so routing logits and choices do not depend on the layout's precision."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                cast_forward_inputs=True)
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: Config) -> None:
@@ -68,11 +88,19 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, cfg: Config) -> None:
     dp_mesh, edp_mesh = dims.dp_mesh(), dims.edp_mesh()
     for block in model.blocks:
         if block.is_moe:
+            fully_shard(block.ffn.router, mesh=dp_mesh, mp_policy=router_precision())
             # experts: sharded over expert-data-parallel ranks along d (dim 1), since E / ep is often
             # smaller than the number of those ranks
             fully_shard(block.ffn.experts, mesh=edp_mesh, mp_policy=mp, shard_placement_fn=lambda p: Shard(1))
         fully_shard(block, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool, cfg: Config) -> None:
+    """Under accumulation, let FSDP reduce gradients only on the last micro-batch (unless
+    parallel.sync_every_micro_batch). No-op in one process."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync or cfg.parallel.sync_every_micro_batch)
 
 
 def finish_gradients(model: nn.Module, dims: ParallelDims) -> None:
@@ -88,20 +116,13 @@ def finish_gradients(model: nn.Module, dims: ParallelDims) -> None:
     scale_expert_grads(model, dims.tp / dims.ep)
 
 
-def _mesh_key(t: torch.Tensor):
-    mesh = getattr(t, "device_mesh", None)
-    if mesh is None:
-        return None
-    return (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names)
-
-
 @torch.no_grad()
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global L2 norm of all gradients (plain tensors and DTensors on any meshes); clip if max_norm > 0."""
     grads = [p.grad for p in params if p.grad is not None]
     groups: dict = defaultdict(list)
     for g in grads:
-        groups[_mesh_key(g)].append(g)
+        groups[mesh_key(g)].append(g)
     total_sq = None
     for key, gs in groups.items():
         norm = torch.nn.utils.get_total_norm(gs, norm_type=2.0)
@@ -113,7 +134,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         return torch.zeros(())
     total = total_sq.sqrt()
     if max_norm > 0 and math.isfinite(max_norm):
+        # the coefficient stays a device tensor (no host sync); one foreach multiply per device
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        local: dict = defaultdict(list)
         for g in grads:
-            g.mul_(coef.to(g.device) if not hasattr(g, "device_mesh") else coef.item())
+            t = g.to_local() if hasattr(g, "to_local") else g
+            local[t.device].append(t)
+        for device, ts in local.items():
+            torch._foreach_mul_(ts, coef.to(device))
     return total

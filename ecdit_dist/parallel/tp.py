@@ -34,6 +34,15 @@ def block_plan(is_moe: bool) -> dict:
     return {path: style() for path, style in plan.items()}
 
 
+def _gather_rows(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """All-gather along dim 0 straight into one output tensor (no list of parts, no cat)."""
+    x = x.contiguous()
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+    return out
+
+
 class _SplitTokens(torch.autograd.Function):
     """Forward: keep this rank's contiguous share of the tokens. Backward: all-gather the gradients."""
 
@@ -44,9 +53,7 @@ class _SplitTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        parts = [torch.empty_like(grad) for _ in range(ctx.size)]
-        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
-        return torch.cat(parts, dim=0), None, None, None
+        return _gather_rows(grad, ctx.group, ctx.size), None, None, None
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -55,9 +62,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
         ctx.rank, ctx.size = rank, size
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        return _gather_rows(x, group, size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

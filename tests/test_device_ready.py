@@ -1,0 +1,143 @@
+"""CPU twins of the GPU code paths: what the first NCCL + CUDA + bf16 run relies on, checked here
+with gloo on CPU ranks (the GPU versions are in tests/test_gpu.py)."""
+
+import pytest
+import torch
+
+from ecdit_dist.config import ConfigError
+from ecdit_dist.device import autocast_dtype, process_group_backend, select_device, to_device
+from ecdit_dist.parallel.local import run_ranks
+from gpu_workers import audit_collectives, audited_run, bf16_run, init_weights
+
+# bf16 layouts against one bf16 process: loss of each of the first steps, relative. The TP row-parallel
+# projections add bf16 partial products across ranks (one extra bf16 rounding per sub-layer).
+BF16_LOSS_RTOL = 2e-2
+
+
+def test_backend_puts_gloo_beside_nccl_and_refuses_gloo_with_cuda():
+    assert process_group_backend("auto", "cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("nccl", "cuda") == "cpu:gloo,cuda:nccl"
+    assert process_group_backend("auto", "cpu") == "gloo"
+    with pytest.raises(ConfigError, match="parallel.backend=gloo with CUDA"):
+        process_group_backend("gloo", "cuda")
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        process_group_backend("nccl", "cpu")
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    assert autocast_dtype("auto", "cuda") == torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is None
+    assert autocast_dtype("fp32", "cuda") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16
+
+
+def test_device_mapping_tolerates_one_gpu_per_task(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device(5) == torch.device("cuda", 0)       # srun --gpus-per-task=1: LOCAL_RANK 5 sees one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert select_device(5) == torch.device("cuda", 5)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match="LOCAL_RANK=5 but this process sees 4 GPUs"):
+        select_device(5)
+
+
+def test_batch_transfer_is_identity_on_cpu():
+    x, m = torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool)
+    a, b, c = to_device([x, None, m], torch.device("cpu"))
+    assert a is x and b is None and c is m
+
+
+def test_audit_rejects_a_cpu_tensor_when_the_device_is_not_cpu(tmp_path):
+    """The audit used below really fails on a CPU tensor when the training device is CUDA."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        calls: list = []
+        with audit_collectives("cuda", calls), pytest.raises(RuntimeError, match="NCCL-only group would fail"):
+            dist.all_reduce(torch.ones(1))
+        assert calls == [("all_reduce", ("cpu",))]
+        calls.clear()
+        with audit_collectives("cpu", calls):
+            dist.all_reduce(torch.ones(1))
+        assert calls == [("all_reduce", ("cpu",))]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_collective_runs_on_the_training_device(tmp_path):
+    """Training, checkpointing and resuming (which votes on checkpoint validity across ranks) on 2
+    ranks: every tensor given to a torch.distributed collective is on the training device."""
+    results = run_ranks(audited_run, 2, tmp_path / "ranks", str(tmp_path / "run"), timeout=420)
+    for calls in results:
+        names = {name for name, _ in calls}
+        assert {"all_reduce", "all_to_all_single"} <= names, names    # the vote and the expert exchange ran
+        assert all(set(types) <= {"cpu"} for _, types in calls)
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory):
+    return run_ranks(bf16_run, 1, tmp_path_factory.mktemp("bf16ref"), [], str(tmp_path_factory.mktemp("r")), 3,
+                     timeout=420)[0]
+
+
+@pytest.mark.slow
+def test_bf16_fsdp_keeps_t_and_router_fp32_and_routes_like_one_process(bf16_reference, tmp_path):
+    """4 ranks tp2 x ep2 under FSDP2's bf16 policy: t reaches the timestep embedder in fp32, the
+    router's weights, input and logits are fp32, every expert choice of the first forward equals
+    the one-process bf16 run (dense FFN outputs start at zero in both, see bf16_run: bf16 tensor
+    parallelism itself rounds the residual stream differently), and the losses stay within
+    BF16_LOSS_RTOL of it."""
+    got = run_ranks(bf16_run, 4, tmp_path / "ranks", ["parallel.tp=2", "parallel.ep=2"], str(tmp_path / "run"), 3,
+                    timeout=600)[0]
+    ref = bf16_reference
+    assert got["t_dtype"] == ["torch.float32"]
+    assert got["router"] == [("torch.float32", "torch.float32", "torch.float32")]
+    assert got["router_param"] == ["torch.float32"]
+    assert len(got["choices"]) == len(ref["choices"]) == 2
+    for layer, (a, b) in enumerate(zip(got["choices"], ref["choices"])):
+        assert a.shape == b.shape
+        assert torch.equal(a, b), f"MoE layer {layer}: {(a != b).any(-1).sum().item()} (group, expert) choices differ"
+    assert got["losses"] == pytest.approx(ref["losses"], rel=BF16_LOSS_RTOL)
+
+
+@pytest.fixture(scope="module")
+def full_init_reference(tmp_path_factory):
+    """One process, train.init=full."""
+    return run_ranks(init_weights, 1, tmp_path_factory.mktemp("initref"), [], str(tmp_path_factory.mktemp("r")),
+                     timeout=300)[0]["full"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,overrides", [(1, []), (2, ["parallel.ep=2"]), (4, ["parallel.tp=2", "parallel.ep=2"])],
+                         ids=["1-rank", "ep2", "tp2-ep2"])
+def test_meta_init_equals_full_init_bit_for_bit(world, overrides, full_init_reference, tmp_path):
+    ref = full_init_reference
+    got = run_ranks(init_weights, world, tmp_path / "ranks", overrides, str(tmp_path / "r2"), timeout=420)[0]
+    assert got["meta"].keys() == ref.keys()
+    for name, want in ref.items():
+        assert torch.equal(got["meta"][name], want), f"meta init of {name} on {world} ranks"
+        assert torch.equal(got["full"][name], want), f"full init of {name} on {world} ranks"
+    # the experts are distinct (no two shards of a distributed tensor received the same values)
+    w1 = ref["blocks.1.ffn.experts.w1"]
+    assert not torch.equal(w1[0], w1[1])
+
+
+@pytest.mark.slow
+def test_sampling_during_training_uses_the_sharded_model(tmp_path):
+    """The end-of-run grid of 2 ranks (ep2: every rank samples through the sharded model, EMA
+    swapped in) shows the images one process draws (1 level of 255 for float reduction order)."""
+    import numpy as np
+    from PIL import Image
+
+    from gpu_workers import sample_at_end
+
+    run_ranks(sample_at_end, 1, tmp_path / "r1", [], str(tmp_path / "one"), timeout=420)
+    run_ranks(sample_at_end, 2, tmp_path / "r2", ["parallel.ep=2"], str(tmp_path / "two"), timeout=420)
+    name = "samples/step-00000002.png"
+    a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
+    assert a.shape == b.shape and a.std() > 0
+    assert np.abs(a - b).max() <= 1
