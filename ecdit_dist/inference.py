@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ecdit_dist.checkpoint import safe_load
 from ecdit_dist.checkpoint.manager import CheckpointError, CheckpointManager, read_meta, verify_checkpoint
 from ecdit_dist.config import Config, config_from_dict
 from ecdit_dist.data.shapes import ShapesSource, ToyVAE
@@ -43,7 +44,7 @@ def load_for_sampling(path: str | Path, use_ema: bool = True) -> SamplingBundle:
     model = ECDiT(cfg.model, cfg.moe)
     key = "ema" if use_ema and cfg.optim.ema_decay > 0 else "model"
     state = {key: {k: v for k, v in model.state_dict().items()}}
-    CheckpointManager.load(folder, state)
+    safe_load.load(state, folder)
     model.load_state_dict(state[key])
     model.eval()
     if cfg.data.path is None:

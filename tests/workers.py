@@ -164,11 +164,11 @@ def crash_during_commit(rank: int, world: int, run_dir: str) -> None:
     real = manager.write_manifest
     calls = []
 
-    def dying(folder):
+    def dying(folder, *args):
         calls.append(folder)
         if len(calls) == 2:
             os._exit(3)
-        return real(folder)
+        return real(folder, *args)
 
     manager.write_manifest = dying
     cfg = load_config(TINY, [f"run.dir={run_dir}", "train.steps=3", *QUIET, "checkpoint.interval=1", "logging.interval=1"])

@@ -109,8 +109,14 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if total_sq is None:
         return torch.zeros(())
     total = total_sq.sqrt()
+    clip_grads_to_norm(params, total, max_norm)
+    return total
+
+
+def clip_grads_to_norm(params: list[nn.Parameter], total: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients so that their global norm `total` (from clip_grad_norm) becomes at most
+    max_norm; nothing when max_norm is 0."""
     if max_norm > 0 and math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
+        for g in (p.grad for p in params if p.grad is not None):
             g.mul_(coef.to(g.device) if not hasattr(g, "device_mesh") else coef.item())
-    return total
