@@ -234,3 +234,51 @@ def train_collect_ids(rank: int, world: int, run_dir: str, overrides: list[str],
 
     Recording(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET])).run()
     return seen
+
+
+def nonfinite_guard(rank: int, world: int, run_dir: str, layout: list[str], steps: int, bad: int) -> dict[str, Any]:
+    """A NaN written into one gradient element of rank 1 at step `bad` (after the gradient
+    reduction, as a faulty device would): with on_nonfinite=skip against a run that never
+    applies step `bad`, then with on_nonfinite=stop."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.guard import NonFiniteError
+    from ecdit_dist.metrics import read_metrics
+    from ecdit_dist.parallel.ac import clean_fqn
+    from ecdit_dist.train import Trainer
+
+    poisoned: list[str] = []
+
+    class Faulty(Trainer):
+        def backward_step(self, step):
+            out = super().backward_step(step)
+            if step == bad and self.rank == 1:
+                for name, p in self.model.named_parameters():
+                    local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                    if local.numel():
+                        local.view(-1)[local.numel() // 2] = float("nan")
+                        poisoned.append(clean_fqn(name))
+                        break
+            return out
+
+    def config(name: str, *extra: str):
+        return load_config(TINY, [*EQUIV, "optim.ema_decay=0.9", *layout, "train.global_batch_size=8", "logging.interval=1",
+                                  f"run.dir={run_dir}/{name}", f"train.steps={steps}", *QUIET, *extra])
+
+    guarded = Faulty(config("skip", "train.on_nonfinite=skip"))
+    guarded.fit()
+    ref = Trainer(config("ref"))
+    ref_losses = {}
+    for s in range(steps):
+        if s != bad:                                   # this run never sees step `bad`'s update
+            ref_losses[s + 1] = float(ref.train_step(s)["loss"])
+    same_params = all(torch.equal(_full(a), _full(b)) for a, b in zip(guarded.model.parameters(),
+                                                                       ref.model.parameters()))
+    same_ema = all(torch.equal(_full(guarded.ema.shadow[k]), _full(ref.ema.shadow[k])) for k in ref.ema.shadow)
+    stop_error = None
+    try:
+        Faulty(config("stop", "train.on_nonfinite=stop")).fit()
+    except NonFiniteError as e:
+        stop_error = str(e)
+    records = read_metrics(f"{run_dir}/skip") if rank == 0 else []
+    return {"records": records, "ref_losses": ref_losses, "same_params": same_params, "same_ema": same_ema,
+            "stop_error": stop_error, "poisoned": poisoned}
