@@ -139,7 +139,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if op == "export":
         with _bar("export") as bar:
             result = C.export(args.checkpoint, args.out, args.max_shard_size, _dtype(args.dtype), args.ema,
-                              args.dry_run, bar)
+                              args.dry_run, bar, overwrite=args.overwrite)
     elif op == "import":
         with _bar("import") as bar:
             result = C.import_(args.src, args.run_dir, args.dry_run, bar)
@@ -147,13 +147,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tensor_weights = json.loads(Path(args.tensor_weights).read_text()) if args.tensor_weights else None
         with _bar("merge") as bar:
             result = C.merge(args.inputs, args.out, args.weights, tensor_weights, args.max_shard_size,
-                             _dtype(args.dtype), args.ema, args.dry_run, bar)
+                             _dtype(args.dtype), args.ema, args.dry_run, bar, overwrite=args.overwrite)
     elif op == "upcycle":
         with _bar("upcycle") as bar:
             result = C.upcycle(args.src, args.out, args.experts, args.noise, args.router_std, args.seed,
-                               args.capacity_factor, args.max_shard_size, args.dry_run, bar)
+                               args.capacity_factor, args.max_shard_size, args.dry_run, bar, overwrite=args.overwrite)
     else:  # deepspeed
-        result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run)
+        result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run,
+                                  overwrite=args.overwrite)
     _report(result, args.json, args.dry_run)
     return 0
 
@@ -169,6 +170,8 @@ def _add_convert(sub) -> None:
         if writes:
             p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
             p.add_argument("--max-shard-size", default="5GB", help="split output files at this size (e.g. 2GB; 0 = one file)")
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace a non-empty output folder whole (it is refused otherwise)")
         p.set_defaults(func=_cmd_convert)
 
     e = ops.add_parser("export", help="training checkpoint -> consolidated safetensors + config.json",

@@ -62,3 +62,179 @@ def test_nan_gradient_on_one_of_four_ranks_is_skipped_everywhere(tmp_path):
     for r in results:                                              # the same error on every rank
         assert r["stop_error"] is not None and r["stop_error"].startswith(f"step {bad}:")
         assert f"{poisoned} (gradient) on rank 1" in r["stop_error"]
+
+
+# ----------------------------------------------------------------------------- untrusted checkpoints
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    import boto3
+
+    from s3server import seaweed
+
+    with seaweed(tmp_path_factory.mktemp("seaweed")) as endpoint:
+        boto3.client("s3").create_bucket(Bucket="ckpt")
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("small") / "run"
+    out = cli("train", "--config", TINY, "--set", *QUIET, f"run.dir={run}", "train.steps=2",
+              "train.global_batch_size=8")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def tamper(run: Path, dest: Path, marker: Path) -> Path:
+    """A copy of `run` whose newest .metadata runs code when unpickled, with the manifest re-written to match."""
+    import hashlib
+    import pickle
+    import shutil
+
+    shutil.copytree(run, dest)
+    folder = dest / "checkpoints" / "step-00000002"
+    data = pickle.dumps(_Payload(marker))
+    (folder / ".metadata").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][".metadata"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path):
+    from ecdit_dist.data.storage import S3Storage
+
+    marker = tmp_path / "PWNED"
+    evil = tamper(small_run, tmp_path / "evil", marker)
+    step = evil / "checkpoints" / "step-00000002"
+    refused = "refers to builtins.exec, which DCP checkpoint metadata never holds"
+    attempts = {
+        "inspect": cli("convert", "inspect", step),
+        "inspect --no-verify": cli("convert", "inspect", step, "--no-verify"),
+        "export": cli("convert", "export", "--checkpoint", evil, "--out", tmp_path / "x"),
+        "merge": cli("convert", "merge", evil, small_run, "--out", tmp_path / "m"),
+        "sample": cli("sample", "--checkpoint", evil, "--steps", "2", "--per-prompt", "1", "--out", tmp_path / "s.png"),
+        "resume": cli("train", "--config", TINY, "--set", *QUIET, f"run.dir={evil}", "train.steps=3",
+                      "train.global_batch_size=8"),
+    }
+    storage = S3Storage()
+    for f in sorted(step.iterdir()):
+        storage.put_file(f, f"s3://ckpt/evil/checkpoints/step-00000002/{f.name}")
+    attempts["mirror fetch"] = cli("train", "--config", TINY, "--set", *QUIET, f"run.dir={tmp_path / 'fresh'}",
+                                   "train.steps=3", "train.global_batch_size=8", "checkpoint.mirror=s3://ckpt/evil")
+    for what, out in attempts.items():
+        assert out.returncode in (1, 2), (what, out.stderr[-2000:])
+        assert refused in out.stderr, (what, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, (what, out.stderr[-2000:])
+    assert not marker.exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
+    good = cli("convert", "inspect", small_run, "--json")          # a legitimate checkpoint still loads
+    assert good.returncode == 0 and json.loads(good.stdout)["matches_config"] is True
+
+
+# ----------------------------------------------------------------------------- failures become everyone's
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs, really mounted (needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a full-disk test needs a real tmpfs, and mounting one failed: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("phase", ["save", "commit"])
+def test_full_disk_fails_every_rank_and_keeps_the_previous_checkpoint(phase, small_disk, tmp_path):
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    run = small_disk / "run"
+    errors = run_ranks(full_disk, 4, tmp_path / "ranks", str(run), phase, timeout=400)
+    assert all(e is not None for e in errors), errors                 # every rank failed ...
+    assert "No space left on device" in errors[0]
+    assert len(set(errors)) == 1, errors                               # ... with the same error
+    assert ("writing checkpoint step 2" if phase == "save" else "committing checkpoint step 2") in errors[0]
+    assert "rank 0" in errors[0]
+    assert CheckpointManager(run).committed_steps() == [1]
+    (small_disk / "filler").unlink()
+    t = Trainer(load_config(TINY, [*QUIET, f"run.dir={run}", "train.steps=2", "train.global_batch_size=8"]))
+    assert t.resume() and t.step == 1                                  # the previous one resumes (on 1 rank)
+    t.fit()
+    assert t.step == 2 and CheckpointManager(run).committed_steps()[-1] == 2
+
+
+def test_async_save_equals_sync_save_bitwise_on_four_ranks(tmp_path):
+    steps = 6
+    results = run_ranks(async_vs_sync, 4, tmp_path / "ranks", str(tmp_path), ["parallel.ep=2"], steps, timeout=600)
+    for r in results:
+        assert all(torch.equal(a, b) for a, b in zip(r["sync"]["params"], r["async"]["params"]))
+        assert all(torch.equal(v, r["async"]["ema"][k]) for k, v in r["sync"]["ema"].items())
+    assert results[0]["sync"]["losses"] == results[0]["async"]["losses"] and len(results[0]["sync"]["losses"]) == steps
+    for step in (2, 4, 6):                                             # and so do the files
+        a = DCPSource(tmp_path / "sync" / "checkpoints" / f"step-{step:08d}")
+        b = DCPSource(tmp_path / "async" / "checkpoints" / f"step-{step:08d}")
+        assert a.infos.keys() == b.infos.keys()
+        assert all(torch.equal(a.load(n), b.load(n)) for n in a.infos)
+
+
+# ----------------------------------------------------------------------------- resume checks
+def test_resume_refuses_trajectory_changes_and_accepts_named_ones(tmp_path):
+    run = tmp_path / "run"
+    base = [*QUIET, f"run.dir={run}", "train.global_batch_size=8"]
+    assert cli("train", "--config", TINY, "--set", *base, "train.steps=1").returncode == 0
+    first = (run / "config.yaml").read_text()
+    out = cli("train", "--config", TINY, "--set", *base, "train.steps=2", "seed=7", "train.global_batch_size=16")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "seed: checkpoint 0, now 7" in out.stderr
+    assert "train.global_batch_size: checkpoint 8, now 16" in out.stderr
+    assert "checkpoint.allow_changes=[seed,train.global_batch_size]" in out.stderr
+    assert (run / "config.yaml").read_text() == first                   # a refused config never replaces it
+    assert CheckpointManager(run).committed_steps() == [1]
+    out = cli("train", "--config", TINY, "--set", *base, "train.steps=2", "seed=7", "optim.lr=5e-4",
+              "checkpoint.allow_changes=[seed]")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from" in out.stdout and CheckpointManager(run).committed_steps()[-1] == 2
+    history = list((run / "config-history").iterdir())
+    assert len(history) == 1 and history[0].read_text() == first        # the earlier config is kept
+    assert "seed: 7" in (run / "config.yaml").read_text()
+
+
+def test_two_phase_recipe_resumes_unmasked_with_another_capacity(tmp_path):
+    """configs/phases: masked pretraining, then unmasked fine-tuning with another capacity factor."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    run = tmp_path / "run"
+    tokens: list[int] = []
+
+    def phase(name: str, steps: int) -> Trainer:
+        cfg = load_config(ROOT / "configs" / "phases" / name,
+                          [*QUIET, f"run.dir={run}", f"train.steps={steps}", "train.global_batch_size=8",
+                           "logging.interval=1", "moe.capacity_factor=1.0" if "2-" in name else "seed=0"])
+        t = Trainer(cfg)
+        t.model.blocks[0].register_forward_pre_hook(lambda m, args: tokens.append(args[0].shape[1]))
+        t.fit()
+        return t
+
+    phase("tiny-1-masked-pretrain.yaml", 2)
+    assert set(tokens) == {32}                                           # half of the 64 tokens
+    tokens.clear()
+    t = phase("tiny-2-unmasked-finetune.yaml", 4)
+    assert t.step == 4 and set(tokens) == {64}                            # every token
+    moe = t.model.blocks[1].ffn
+    assert moe.capacity_factor == 1.0
+    losses = [r["loss"] for r in read_metrics(run)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

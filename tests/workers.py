@@ -282,3 +282,71 @@ def nonfinite_guard(rank: int, world: int, run_dir: str, layout: list[str], step
     records = read_metrics(f"{run_dir}/skip") if rank == 0 else []
     return {"records": records, "ref_losses": ref_losses, "same_params": same_params, "same_ema": same_ema,
             "stop_error": stop_error, "poisoned": poisoned}
+
+
+def fill_disk(folder: str) -> None:
+    """Write a file into `folder` until the filesystem really returns ENOSPC."""
+    import errno
+
+    with open(Path(folder) / "filler", "wb", buffering=0) as f:
+        for chunk in (1 << 20, 4096, 1):
+            block = b"\0" * chunk
+            try:
+                while True:
+                    f.write(block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+
+
+def full_disk(rank: int, world: int, run_dir: str, phase: str) -> str | None:
+    """Train on a small filesystem; rank 0 fills it before the second checkpoint is written
+    (phase "save") or after its files are written, before the commit (phase "commit")."""
+    import ecdit_dist.checkpoint.manager as manager
+    from ecdit_dist.checkpoint.errors import CheckpointError
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    if phase == "commit" and rank == 0:
+        real = manager.CheckpointManager._commit
+
+        def commit(self, d, step, *args):
+            if step == 2:
+                fill_disk(run_dir)
+            return real(self, d, step, *args)
+
+        manager.CheckpointManager._commit = commit
+
+    class Filling(Trainer):
+        def save(self, async_save=False):
+            if phase == "save" and self.step == 2 and self.rank == 0:
+                fill_disk(run_dir)
+            return super().save(async_save)
+
+    cfg = load_config(TINY, [*QUIET, f"run.dir={run_dir}", "train.steps=3", "checkpoint.interval=1",
+                             "train.global_batch_size=8", "parallel.timeout_s=600", "checkpoint.timeout_s=600"])
+    try:
+        Filling(cfg).run()
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def async_vs_sync(rank: int, world: int, run_dir: str, layout: list[str], steps: int) -> dict[str, Any]:
+    """The same run saved synchronously and in the background: weights, EMA and losses."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.metrics import read_metrics
+    from ecdit_dist.train import Trainer
+
+    out: dict[str, Any] = {}
+    for mode in ("sync", "async"):
+        cfg = load_config(TINY, [*QUIET, *layout, f"run.dir={run_dir}/{mode}", f"train.steps={steps}",
+                                 "checkpoint.interval=2", "checkpoint.keep_last=10", "train.global_batch_size=8",
+                                 "logging.interval=1", f"checkpoint.async_save={mode == 'async'}"])
+        t = Trainer(cfg)
+        t.fit()
+        out[mode] = {"params": [_full(p) for p in t.model.parameters()],
+                     "ema": {k: _full(v) for k, v in t.ema.shadow.items()}}
+        if rank == 0:
+            out[mode]["losses"] = [r["loss"] for r in read_metrics(f"{run_dir}/{mode}")]
+    return out

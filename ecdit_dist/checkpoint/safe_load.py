@@ -136,7 +136,18 @@ def load(state: dict[str, Any], folder: str | Path, process_group=None) -> None:
     torch.distributed is initialised)."""
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_metadata(folder)     # refuse a tampered file here, before DCP (which logs its failures at length)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(state, storage_reader=_reader_class()(str(folder)), planner=_planner(),
-                 process_group=process_group)
+        try:
+            dcp.load(state, storage_reader=_reader_class()(str(folder)), planner=_planner(),
+                     process_group=process_group)
+        except CheckpointException as e:     # per-rank failures, gathered by DCP: name them
+            causes = [w[0] if isinstance(w, tuple) else w for _, w in sorted(e.failures.items())]
+            unsafe = next((c for c in causes if isinstance(c, UnsafeCheckpointError)), None)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(str(unsafe)) from None
+            where = "; ".join(f"rank {r}: {type(c).__name__}: {c}" for r, c in zip(sorted(e.failures), causes))
+            raise CheckpointError(f"loading {folder} failed ({where})") from None
