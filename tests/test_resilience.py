@@ -67,13 +67,14 @@ def test_nan_gradient_on_one_of_four_ranks_is_skipped_everywhere(tmp_path):
 # ----------------------------------------------------------------------------- untrusted checkpoints
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
+    """A SeaweedFS server (tests may stop and restart it) with the bucket `ckpt`."""
     import boto3
 
-    from s3server import seaweed
+    from s3server import seaweed_server
 
-    with seaweed(tmp_path_factory.mktemp("seaweed")) as endpoint:
+    with seaweed_server(tmp_path_factory.mktemp("seaweed")) as server:
         boto3.client("s3").create_bucket(Bucket="ckpt")
-        yield endpoint
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +239,74 @@ def test_two_phase_recipe_resumes_unmasked_with_another_capacity(tmp_path):
     assert moe.capacity_factor == 1.0
     losses = [r["loss"] for r in read_metrics(run)]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+# ----------------------------------------------------------------------------- mirror
+def mirror_steps(prefix: str) -> set[int]:
+    from ecdit_dist.data.storage import S3Storage
+
+    manager = CheckpointManager("unused", mirror=prefix)
+    return set(manager.remote_steps(S3Storage()))
+
+
+def train_mirrored(run, prefix, steps, *extra):
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    t = Trainer(load_config(TINY, [*QUIET, f"run.dir={run}", f"train.steps={steps}", "train.global_batch_size=8",
+                                   "checkpoint.interval=1", f"checkpoint.mirror={prefix}", *extra]))
+    t.checkpoints.s3_page_size = 4              # several listing pages even for a few checkpoints
+    t.fit()
+    return t
+
+
+def test_mirror_retention_uses_the_remote_listing_and_a_prefix_has_one_owner(s3, tmp_path):
+    from ecdit_dist.data.storage import S3Storage
+
+    prefix = "s3://ckpt/owned"
+    keep = ["checkpoint.keep_last=1", "checkpoint.keep_every=2"]
+    train_mirrored(tmp_path / "a", prefix, 3, *keep)
+    assert mirror_steps(prefix) == {2, 3}
+    paged = S3Storage(page_size=2).list(prefix + "/")                     # listing pages agree
+    assert [o.path for o in paged] == [o.path for o in S3Storage().list(prefix + "/")] and len(paged) > 6
+    t = train_mirrored(tmp_path / "b", prefix, 5, *keep)                 # an empty machine restores from the mirror
+    assert t.step == 5 and CheckpointManager(tmp_path / "b").committed_steps() == [4, 5]
+    assert mirror_steps(prefix) == {2, 4, 5}                              # milestone 2 was never on machine b
+    head = S3Storage().client.head_object(Bucket="ckpt", Key="owned/checkpoints/step-00000005/meta.json",
+                                          ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256")                                     # uploaded with a server-checked checksum
+    from ecdit_dist.checkpoint.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        train_mirrored(tmp_path / "c", prefix, 1, "checkpoint.resume=false")
+    assert mirror_steps(prefix) == {2, 4, 5}
+
+
+def test_stopped_mirror_fails_or_continues_and_resumes_after_restart(s3, tmp_path):
+    import ecdit_dist.data.storage as storage
+    from ecdit_dist.checkpoint.errors import CheckpointError
+
+    prefix = "s3://ckpt/stopping"
+    real = storage.S3Storage.put_file
+    stopped = []
+
+    def stop_then_put(self, local, dest, *args):
+        if "step-00000002" in dest and not stopped:
+            s3.stop()                                                     # the server really goes away
+            stopped.append(dest)
+        return real(self, local, dest, *args)
+
+    storage.S3Storage.put_file = stop_then_put
+    try:
+        with pytest.raises(CheckpointError, match=r"uploading step-00000002 .* failed.*mirror_required=false"):
+            train_mirrored(tmp_path / "r", prefix, 3, "data.retries=2")
+        assert CheckpointManager(tmp_path / "r").committed_steps() == [1, 2]   # committed locally first
+        with pytest.warns(UserWarning, match="mirror upload failed, training goes on"):
+            t = train_mirrored(tmp_path / "r", prefix, 3, "data.retries=2", "checkpoint.mirror_required=false")
+        assert t.step == 3
+    finally:
+        storage.S3Storage.put_file = real
+        if s3.proc is None:
+            s3.start()
+    t = train_mirrored(tmp_path / "r", prefix, 4)
+    assert t.step == 4 and 4 in mirror_steps(prefix)

@@ -198,6 +198,7 @@ class CheckpointManager:
         self.mirror_claim = mirror_claim
         self.retries = retries
         self.run_id: str | None = None               # owner of the mirror prefix; set on save/resume
+        self.s3_page_size = 1000                     # objects per listing page of the mirror
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -326,7 +327,7 @@ class CheckpointManager:
     def _s3(self):
         from ecdit_dist.data.storage import S3Storage
 
-        return S3Storage(retries=self.retries)
+        return S3Storage(retries=self.retries, page_size=self.s3_page_size)
 
     def check_mirror_owner(self) -> None:
         """Collective: refuse a mirror prefix that holds another run's checkpoints (unless
