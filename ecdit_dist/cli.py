@@ -13,6 +13,17 @@ from ecdit_dist.config import ConfigError
 from ecdit_dist.data.storage import DataError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from ecdit_dist.config import config_from_dict, load_config
     from ecdit_dist.params import count_params
@@ -267,10 +278,10 @@ def _add_data(sub) -> None:
 
     s = ops.add_parser("synth", help="write the embedded shapes dataset as shards")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--num", type=int, default=20000, help="samples (default 20000)")
+    s.add_argument("--num", type=positive_int, default=20000, help="samples (default 20000)")
     s.add_argument("--latent-size", type=int, default=16, help="latent side (images are twice as wide)")
-    s.add_argument("--shard-rows", type=int, default=4096, help="rows per shard file")
-    s.add_argument("--row-group", type=int, default=256, help="rows per Parquet row group")
+    s.add_argument("--shard-rows", type=positive_int, default=4096, help="rows per shard file")
+    s.add_argument("--row-group", type=positive_int, default=256, help="rows per Parquet row group")
     s.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="latent storage type")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
@@ -331,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run folder (its newest valid checkpoint) or a checkpoints/step-N folder")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's sample.prompts")
     s.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
-    s.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.steps)")
+    s.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the run's sample.steps)")
     s.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's)")
     s.add_argument("--seed", type=int, default=0, help="noise seed")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

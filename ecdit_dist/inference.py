@@ -26,13 +26,15 @@ class SamplingBundle:
     checkpoint: Path
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder -> its newest valid checkpoint; a checkpoint folder -> itself (verified)."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
+    """A run folder -> its newest valid checkpoint; a checkpoint folder -> itself (verified unless
+    `verify` is false; a run folder's candidates are then checked by size only)."""
     path = Path(path)
     if (path / "manifest.json").exists() or (path / ".metadata").exists():
-        verify_checkpoint(path)
+        if verify:
+            verify_checkpoint(path)
         return path
-    found = CheckpointManager(path).latest_valid()
+    found = CheckpointManager(path).latest_valid(full_verify=verify)
     if found is None:
         raise CheckpointError(f"no valid checkpoint under {path} (expected {path}/checkpoints/step-*/)")
     return found

@@ -309,7 +309,7 @@ class Trainer:
             from ecdit_dist.checkpoint.resume_check import write_run_config
 
             write_run_config(self.run_dir, dump_config(cfg), self.step)
-        logger = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard)
+        logger = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard, after_step=self.step)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (self.is_main and cfg.logging.progress),
@@ -406,6 +406,12 @@ class Trainer:
             dist.destroy_process_group()
 
 
+def positive_int(text: str) -> int:
+    from ecdit_dist.cli import positive_int as check
+
+    return check(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ecdit train",
@@ -420,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run configuration (see configs/ and docs/CONFIG.md)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. --set train.steps=100 optim.lr=3e-4")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=None,
                    help="start this many ranks on this machine through torchrun (CPU: gloo, GPU: nccl)")
     return p
 

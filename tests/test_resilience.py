@@ -310,3 +310,74 @@ def test_stopped_mirror_fails_or_continues_and_resumes_after_restart(s3, tmp_pat
             s3.start()
     t = train_mirrored(tmp_path / "r", prefix, 4)
     assert t.step == 4 and 4 in mirror_steps(prefix)
+
+
+# ----------------------------------------------------------------------------- smaller items
+def test_no_verify_skips_the_sha256_check(small_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    step = run / "checkpoints" / "step-00000002"
+    shard = next(step.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    checked = cli("convert", "inspect", step)
+    assert checked.returncode == 2 and "does not match its sha256" in checked.stderr
+    unchecked = cli("convert", "inspect", step, "--no-verify", "--json")
+    assert unchecked.returncode == 0, unchecked.stderr[-2000:]
+    assert "verified_files" not in json.loads(unchecked.stdout)
+
+
+def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path):
+    from ecdit_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="checkpoint.mirror must be s3://bucket/prefix"):
+        load_config(TINY, ["checkpoint.mirror=/tmp/somewhere"])
+    for args in (["data", "synth", "--out", tmp_path / "d", "--shard-rows", "0"],
+                 ["train", "--nproc", "0", "--config", TINY],
+                 ["sample", "--checkpoint", tmp_path, "--steps", "0"]):
+        out = cli(*args, timeout=120)
+        assert out.returncode == 2 and "must be at least 1, got 0" in out.stderr, (args, out.stderr[-1000:])
+    assert not (tmp_path / "d").exists()
+
+
+def test_s3_errors_hide_credentials_and_retries_do_not_multiply(monkeypatch):
+    from workers import free_closed_port
+
+    from ecdit_dist.data.storage import DataError, S3Storage
+
+    port = free_closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://user-key:very-secret@127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage = S3Storage(retries=3, backoff_s=0.01)
+    sent = []
+    storage.client.meta.events.register("before-send.s3.*", lambda request, **kw: sent.append(request.url))
+    with pytest.raises(DataError) as err:
+        storage.list("s3://bucket/prefix/")
+    assert "very-secret" not in str(err.value) and "user-key" not in str(err.value)
+    assert len(sent) == 3                                               # ours, not 3 x botocore's
+
+
+def test_metrics_drop_a_torn_line_and_steps_logged_after_the_checkpoint(tmp_path):
+    from ecdit_dist.metrics import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n"
+                                                    for s in range(1, 6)) + '{"step": 6, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    logger = MetricsLogger(tmp_path, True, False, after_step=3)            # resumed from step 3
+    logger.log(4, {"loss": 0.5})
+    logger.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.5)]
+
+
+def test_steps_beyond_eight_digits_resume(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    state = {"model": {"w": torch.randn(3)}, "trainer": {"step": torch.tensor(123_456_789)}}
+    manager.save(123_456_789, state, {"config": {}, "contents": ["model", "trainer"]})
+    manager.save(99_999_999, state, {"config": {}, "contents": ["model", "trainer"]})
+    assert manager.committed_steps() == [99_999_999, 123_456_789]
+    assert manager.latest_valid().name == "step-123456789"

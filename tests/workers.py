@@ -350,3 +350,12 @@ def async_vs_sync(rank: int, world: int, run_dir: str, layout: list[str], steps:
         if rank == 0:
             out[mode]["losses"] = [r["loss"] for r in read_metrics(f"{run_dir}/{mode}")]
     return out
+
+
+def free_closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -324,7 +324,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None):
 def inspect(path: str | Path, verify: bool = True, ema: bool = False) -> dict[str, Any]:
     """Tensors, shapes, dtypes and totals of a checkpoint; checksums verified for training checkpoints."""
     path = Path(path)
-    src = open_source(path, ema=ema)
+    src = open_source(path, ema=ema, verify=False)      # verified once, below, when asked
     report: dict[str, Any] = {"path": str(path), "kind": "training" if isinstance(src, DCPSource) else "safetensors"}
     if isinstance(src, DCPSource):
         if verify:

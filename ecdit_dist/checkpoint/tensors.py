@@ -151,13 +151,14 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def open_source(path: str | Path, ema: bool = False):
-    """A training checkpoint (run folder or step folder) or consolidated safetensors."""
+def open_source(path: str | Path, ema: bool = False, verify: bool = True):
+    """A training checkpoint (run folder or step folder) or consolidated safetensors. `verify`:
+    check every file's sha256 against the manifest (else sizes only, for a run folder's choice)."""
     path = Path(path)
     if path.is_dir() and ((path / ".metadata").exists() or (path / "checkpoints").is_dir()):
         from ecdit_dist.inference import resolve_checkpoint
 
-        return DCPSource(resolve_checkpoint(path), "ema" if ema else "model", verify=False)  # resolve verified it
+        return DCPSource(resolve_checkpoint(path, verify), "ema" if ema else "model", verify=False)
     if ema:
         raise ConvertError(f"{path} is consolidated safetensors; --ema needs a training checkpoint")
     return SafetensorsSource(path)
