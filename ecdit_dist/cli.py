@@ -176,11 +176,12 @@ def _add_convert(sub) -> None:
                                    "config and fails naming missing, leftover or mis-shaped tensors.")
     ops = c.add_subparsers(dest="op", required=True, metavar="OP")
 
-    def common(p, writes: bool = True):
+    def common(p, writes: bool = True, replaces: bool = True):
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         if writes:
             p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
             p.add_argument("--max-shard-size", default="5GB", help="split output files at this size (e.g. 2GB; 0 = one file)")
+        if writes and replaces:
             p.add_argument("--overwrite", action="store_true",
                            help="replace a non-empty output folder whole (it is refused otherwise)")
         p.set_defaults(func=_cmd_convert)
@@ -199,7 +200,7 @@ def _add_convert(sub) -> None:
                                    "run.dir=RUN_DIR on any layout then starts from them (fresh optimizer).")
     i.add_argument("--src", required=True, help="folder with *.safetensors (+ index) and config.json, or one file")
     i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in")
-    common(i)
+    common(i, replaces=False)
     i.set_defaults(max_shard_size=None)
 
     m = ops.add_parser("merge", help="average checkpoints, or re-shard / join one",

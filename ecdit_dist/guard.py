@@ -77,7 +77,7 @@ class NonFiniteGuard:
 
     def step_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Collective: the step's loss (this rank's) and global gradient norm are finite everywhere."""
-        here = torch.isfinite(loss.detach()).all().to(self.device) & torch.isfinite(grad_norm.detach()).all().to(self.device)
+        here = all_finite([loss.detach(), grad_norm.detach()]).to(self.device)
         return self.agree(here)
 
     def record_finite(self) -> None:

@@ -265,7 +265,8 @@ class Trainer:
     def _nonfinite_culprit(self, loss_sum: torch.Tensor) -> str:
         from ecdit_dist.parallel.ac import clean_fqn
 
-        named = [("loss", loss_sum)] + [(f"{clean_fqn(n)} (gradient)", p.grad) for n, p in self.model.named_parameters()]
+        named = [("loss", loss_sum)]
+        named += [(f"{clean_fqn(n)} (gradient)", p.grad) for n, p in self.model.named_parameters()]
         return self.guard.culprit(self.rank, named)
 
     def rollback(self, bad_step: int) -> int:

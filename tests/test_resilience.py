@@ -15,7 +15,7 @@ from ecdit_dist.checkpoint.manager import CheckpointManager
 from ecdit_dist.checkpoint.tensors import DCPSource
 from ecdit_dist.metrics import read_metrics
 from ecdit_dist.parallel.local import run_ranks
-from workers import QUIET, TINY, nonfinite_guard
+from workers import QUIET, TINY, async_vs_sync, full_disk, nonfinite_guard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,36 @@ def test_nan_gradient_on_one_of_four_ranks_is_skipped_everywhere(tmp_path):
         assert r["stop_error"] is not None and r["stop_error"].startswith(f"step {bad}:")
         assert f"{poisoned} (gradient) on rank 1" in r["stop_error"]
 
+
+def test_rollback_reloads_the_checkpoint_and_skips_the_bad_data_window(tmp_path):
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    poisoned = []
+
+    class Faulty(Trainer):
+        def backward_step(self, step):
+            out = super().backward_step(step)
+            if step == 2 and not poisoned:                  # once: the step after the rollback is clean
+                next(self.model.parameters()).grad.view(-1)[0] = float("nan")
+                poisoned.append(step)
+            return out
+
+    common = [*QUIET, "train.global_batch_size=8", "train.steps=4"]
+    t = Faulty(load_config(TINY, [*common, f"run.dir={tmp_path / 'rb'}", "checkpoint.interval=2",
+                                  "train.on_nonfinite=rollback"]))
+    t.fit()
+    ref = Trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'ref'}"]))
+    for s in (0, 1):
+        ref.train_step(s)
+    ref.data_offset = 1                                     # steps 2, 3 train on the batches of steps 3, 4
+    for s in (2, 3):
+        ref.train_step(s)
+    assert t.step == 4 and t.data_offset == 1 and poisoned == [2]
+    a, b = t.model.state_dict(), ref.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = Trainer(load_config(TINY, [*common, f"run.dir={tmp_path / 'rb'}"]))
+    assert resumed.resume() and resumed.step == 4 and resumed.data_offset == 1   # the window is saved
 
 # ----------------------------------------------------------------------------- untrusted checkpoints
 @pytest.fixture(scope="module")
@@ -381,3 +411,41 @@ def test_steps_beyond_eight_digits_resume(tmp_path):
     manager.save(99_999_999, state, {"config": {}, "contents": ["model", "trainer"]})
     assert manager.committed_steps() == [99_999_999, 123_456_789]
     assert manager.latest_valid().name == "step-123456789"
+
+
+# ----------------------------------------------------------------------------- atomic exports
+def test_reexport_is_refused_or_replaces_whole_and_a_crash_keeps_the_old_export(small_run, tmp_path):
+    import textwrap
+
+    from ecdit_dist.checkpoint import convert as C
+    from ecdit_dist.checkpoint.tensors import ConvertError
+
+    out = tmp_path / "export"
+    C.export(small_run, out, max_shard_size="100KB")
+    sharded = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "model.safetensors.index.json" in sharded and len(sharded) > 3
+    with pytest.raises(ConvertError, match="exists and is not empty.*--overwrite"):
+        C.export(small_run, out, max_shard_size="0")
+    refused = cli("convert", "export", "--checkpoint", small_run, "--out", out)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == sharded
+
+    crash = textwrap.dedent(f"""
+        import os
+        import ecdit_dist.checkpoint.tensors as T
+        import ecdit_dist.checkpoint.convert as C
+        real, calls = T.DCPSource.load, []
+        def dying(self, name, out=None):
+            calls.append(name)
+            if len(calls) == 5:
+                os._exit(9)                      # killed in the middle of writing the new export
+            return real(self, name, out)
+        T.DCPSource.load = dying
+        C.export({str(small_run)!r}, {str(out)!r}, max_shard_size="0", overwrite=True)
+    """)
+    died = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == sharded      # the old export, intact
+
+    C.export(small_run, out, max_shard_size="0", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]   # replaced whole

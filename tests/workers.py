@@ -261,7 +261,8 @@ def nonfinite_guard(rank: int, world: int, run_dir: str, layout: list[str], step
             return out
 
     def config(name: str, *extra: str):
-        return load_config(TINY, [*EQUIV, "optim.ema_decay=0.9", *layout, "train.global_batch_size=8", "logging.interval=1",
+        return load_config(TINY, [*EQUIV, "optim.ema_decay=0.9", *layout, "train.global_batch_size=8",
+                                  "logging.interval=1",
                                   f"run.dir={run_dir}/{name}", f"train.steps={steps}", *QUIET, *extra])
 
     guarded = Faulty(config("skip", "train.on_nonfinite=skip"))
