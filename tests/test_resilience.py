@@ -176,10 +176,10 @@ def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path):
 # ----------------------------------------------------------------------------- failures become everyone's
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 24 MiB tmpfs, really mounted (needs root)."""
+    """A 96 MiB tmpfs, really mounted (needs root)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True,
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(disk)], capture_output=True,
                              text=True)
     if mounted.returncode != 0:
         pytest.skip(f"a full-disk test needs a real tmpfs, and mounting one failed: {mounted.stderr.strip()}")
@@ -200,7 +200,7 @@ def test_full_disk_fails_every_rank_and_keeps_the_previous_checkpoint(phase, sma
     assert ("writing checkpoint step 2" if phase == "save" else "committing checkpoint step 2") in errors[0]
     assert "rank 0" in errors[0]
     assert CheckpointManager(run).committed_steps() == [1]
-    (small_disk / "filler").unlink()
+    (run / "filler").unlink()
     t = Trainer(load_config(TINY, [*QUIET, f"run.dir={run}", "train.steps=2", "train.global_batch_size=8"]))
     assert t.resume() and t.step == 1                                  # the previous one resumes (on 1 rank)
     t.fit()
@@ -331,7 +331,7 @@ def test_stopped_mirror_fails_or_continues_and_resumes_after_restart(s3, tmp_pat
         with pytest.raises(CheckpointError, match=r"uploading step-00000002 .* failed.*mirror_required=false"):
             train_mirrored(tmp_path / "r", prefix, 3, "data.retries=2")
         assert CheckpointManager(tmp_path / "r").committed_steps() == [1, 2]   # committed locally first
-        with pytest.warns(UserWarning, match="mirror upload failed, training goes on"):
+        with pytest.warns(UserWarning, match="training goes on"):
             t = train_mirrored(tmp_path / "r", prefix, 3, "data.retries=2", "checkpoint.mirror_required=false")
         assert t.step == 3
     finally:

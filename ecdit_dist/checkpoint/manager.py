@@ -353,7 +353,14 @@ class CheckpointManager:
             if owner != run_id:
                 s3.put_bytes(f"{self.mirror}/{OWNER}", json.dumps({"run_id": run_id}).encode())
 
-        self.dist.agree(f"checking the owner of {self.mirror}", check, on=0)
+        try:
+            self.dist.agree(f"checking the owner of {self.mirror}", check, on=0)
+        except CheckpointError as e:
+            if self.mirror_required or "belongs to another run" in str(e):
+                raise
+            if self.dist.rank == 0:
+                warnings.warn(f"the mirror is unreachable, training goes on (checkpoint.mirror_required=false): {e}",
+                              stacklevel=2)
 
     def _mirror_upload(self, d: Dist, folder: Path) -> None:
         """Copy a committed checkpoint to the mirror: each rank uploads its own files (checksums
