@@ -13,6 +13,17 @@ from ecdit_dist.config import ConfigError
 from ecdit_dist.data.storage import DataError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     from ecdit_dist.config import config_from_dict, load_config
     from ecdit_dist.params import count_params
@@ -140,7 +151,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if op == "export":
         with _bar("export") as bar:
             result = C.export(args.checkpoint, args.out, args.max_shard_size, _dtype(args.dtype), args.ema,
-                              args.dry_run, bar)
+                              args.dry_run, bar, overwrite=args.overwrite)
     elif op == "import":
         with _bar("import") as bar:
             result = C.import_(args.src, args.run_dir, args.dry_run, bar)
@@ -148,13 +159,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tensor_weights = json.loads(Path(args.tensor_weights).read_text()) if args.tensor_weights else None
         with _bar("merge") as bar:
             result = C.merge(args.inputs, args.out, args.weights, tensor_weights, args.max_shard_size,
-                             _dtype(args.dtype), args.ema, args.dry_run, bar)
+                             _dtype(args.dtype), args.ema, args.dry_run, bar, overwrite=args.overwrite)
     elif op == "upcycle":
         with _bar("upcycle") as bar:
             result = C.upcycle(args.src, args.out, args.experts, args.noise, args.router_std, args.seed,
-                               args.capacity_factor, args.max_shard_size, args.dry_run, bar)
+                               args.capacity_factor, args.max_shard_size, args.dry_run, bar, overwrite=args.overwrite)
     else:  # deepspeed
-        result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run)
+        result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run,
+                                  overwrite=args.overwrite)
     _report(result, args.json, args.dry_run)
     return 0
 
@@ -165,11 +177,14 @@ def _add_convert(sub) -> None:
                                    "config and fails naming missing, leftover or mis-shaped tensors.")
     ops = c.add_subparsers(dest="op", required=True, metavar="OP")
 
-    def common(p, writes: bool = True):
+    def common(p, writes: bool = True, replaces: bool = True):
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         if writes:
             p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
             p.add_argument("--max-shard-size", default="5GB", help="split output files at this size (e.g. 2GB; 0 = one file)")
+        if writes and replaces:
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace a non-empty output folder whole (it is refused otherwise)")
         p.set_defaults(func=_cmd_convert)
 
     e = ops.add_parser("export", help="training checkpoint -> consolidated safetensors + config.json",
@@ -186,7 +201,7 @@ def _add_convert(sub) -> None:
                                    "run.dir=RUN_DIR on any layout then starts from them (fresh optimizer).")
     i.add_argument("--src", required=True, help="folder with *.safetensors (+ index) and config.json, or one file")
     i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in")
-    common(i)
+    common(i, replaces=False)
     i.set_defaults(max_shard_size=None)
 
     m = ops.add_parser("merge", help="average checkpoints, or re-shard / join one",
@@ -272,10 +287,10 @@ def _add_data(sub) -> None:
 
     s = ops.add_parser("synth", help="write the embedded shapes dataset as shards")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--num", type=int, default=20000, help="samples (default 20000)")
+    s.add_argument("--num", type=positive_int, default=20000, help="samples (default 20000)")
     s.add_argument("--latent-size", type=int, default=16, help="latent side (images are twice as wide)")
-    s.add_argument("--shard-rows", type=int, default=4096, help="rows per shard file")
-    s.add_argument("--row-group", type=int, default=256, help="rows per Parquet row group")
+    s.add_argument("--shard-rows", type=positive_int, default=4096, help="rows per shard file")
+    s.add_argument("--row-group", type=positive_int, default=256, help="rows per Parquet row group")
     s.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="latent storage type")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dry-run", action="store_true", help="print the plan; write nothing")
@@ -346,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run folder (its newest valid checkpoint) or a checkpoints/step-N folder")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's sample.prompts")
     s.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
-    s.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample.steps)")
+    s.add_argument("--steps", type=positive_int, default=None, help="Euler steps (default: the run's sample.steps)")
     s.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the run's)")
     s.add_argument("--seed", type=int, default=0, help="noise seed")
     s.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

@@ -236,9 +236,16 @@ class TrainConfig:
     """How weights are created: "full" builds the whole model on every rank from the seed, then
     shards it (identical to one process); "meta" builds it without memory, shards it, then
     initialises only the local shards (needed for big models); "auto" = meta above 2B parameters."""
+    on_nonfinite: Literal["skip", "stop", "rollback"] = "skip"
+    """A step whose loss or gradient norm is NaN or infinite on any rank: "skip" its update
+    (weights, optimizer state and EMA untouched; counted in the metrics), "stop" the run, or
+    "rollback" to the newest checkpoint and skip the data since it."""
+    nonfinite_patience: int = 10
+    """skip: stop after this many consecutive skipped steps; rollback: stop after this many
+    rollbacks without a finite step in between."""
 
     def __post_init__(self) -> None:
-        _positive(self, "train", ("steps", "global_batch_size"))
+        _positive(self, "train", ("steps", "global_batch_size", "nonfinite_patience"))
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ConfigError("train.micro_batch_size must be positive or null")
 
@@ -340,10 +347,25 @@ class CheckpointConfig:
     verify: Literal["sha256", "size"] = "sha256"
     """How a checkpoint is checked against its manifest before resuming: every file's sha256,
     or only the sizes (faster for very large checkpoints)."""
+    mirror_required: bool = True
+    """A failed mirror upload stops the run (on every rank, with the cause); false: warn and
+    keep training (the local checkpoint is committed either way)."""
+    mirror_claim: bool = False
+    """Take over a mirror prefix that holds another run's checkpoints (otherwise refused at start)."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Keys (e.g. seed, train.global_batch_size, data.path, or a whole section such as diffusion)
+    that may differ from the checkpoint being resumed although they change the trajectory."""
+    timeout_s: int = 3600
+    """Timeout of the CPU (gloo) process groups that checkpoint save, commit, verification and
+    mirror transfers agree on; long rank-local work (hashing, uploads) is waited for there."""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_every < 0:
             raise ConfigError("checkpoint.interval and checkpoint.keep_every must be >= 0")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"checkpoint.timeout_s must be positive, got {self.timeout_s}")
+        if self.mirror is not None and not (self.mirror.startswith("s3://") and len(self.mirror.rstrip("/")) > 5):
+            raise ConfigError(f"checkpoint.mirror must be s3://bucket/prefix, got {self.mirror!r}")
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
 

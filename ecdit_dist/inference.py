@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ecdit_dist.checkpoint import safe_load
 from ecdit_dist.checkpoint.manager import CheckpointError, CheckpointManager, read_meta, verify_checkpoint
 from ecdit_dist.config import Config, ConfigError, config_from_dict
 from ecdit_dist.data.shapes import ShapesSource, ToyVAE
@@ -27,13 +28,15 @@ class SamplingBundle:
     autocast_dtype: torch.dtype | None = None   # bf16 on CUDA, None (fp32) on CPU
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder -> its newest valid checkpoint; a checkpoint folder -> itself (verified)."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> Path:
+    """A run folder -> its newest valid checkpoint; a checkpoint folder -> itself (verified unless
+    `verify` is false; a run folder's candidates are then checked by size only)."""
     path = Path(path)
     if (path / "manifest.json").exists() or (path / ".metadata").exists():
-        verify_checkpoint(path)
+        if verify:
+            verify_checkpoint(path)
         return path
-    found = CheckpointManager(path).latest_valid()
+    found = CheckpointManager(path).latest_valid(full_verify=verify)
     if found is None:
         raise CheckpointError(f"no valid checkpoint under {path} (expected {path}/checkpoints/step-*/)")
     return found
@@ -62,7 +65,7 @@ def load_for_sampling(path: str | Path, use_ema: bool = True, device: str | torc
     model = ECDiT(cfg.model, cfg.moe)
     key = "ema" if use_ema and cfg.optim.ema_decay > 0 else "model"
     state = {key: {k: v for k, v in model.state_dict().items()}}
-    CheckpointManager.load(folder, state)
+    safe_load.load(state, folder)
     model.load_state_dict(state[key])
     model.to(device).eval()
     if cfg.data.path is None:

@@ -18,24 +18,24 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
-from ecdit_dist.checkpoint.manager import CheckpointManager, Dist, read_meta
+from ecdit_dist.checkpoint.manager import CheckpointError, CheckpointManager, Dist, read_meta
 from ecdit_dist.config import Config, ConfigError, dump_config, load_config
 from ecdit_dist.data.pipeline import DataPipeline
 from ecdit_dist.data.storage import DataError
 from ecdit_dist.device import autocast_dtype, enable_tf32, process_group_backend, select_device, to_device
 from ecdit_dist.diffusion import interpolate, velocity_target
+from ecdit_dist.guard import NonFiniteError, NonFiniteGuard, all_finite
 from ecdit_dist.metrics import MetricsLogger
 from ecdit_dist.model import ECDiT, patchify
 from ecdit_dist.model.moe import TokenChoiceMoE
 from ecdit_dist.optim import EMA, build_optimizer, lr_factor, set_lr
 from ecdit_dist.parallel.dims import ParallelDims
 from ecdit_dist.parallel.init import init_from_seed
-from ecdit_dist.parallel.parallelize import clip_grad_norm, finish_gradients, parallelize, set_gradient_sync
+from ecdit_dist.parallel.parallelize import (clip_grad_norm, clip_grads_to_norm, finish_gradients, parallelize,
+                                             set_gradient_sync)
 from ecdit_dist.parallel.sampling import ema_weights, sample_with_peers
 from ecdit_dist.preemption import EXIT_PREEMPTED, Preemption
 
-# Config sections that define the network: a checkpoint only resumes into the same ones.
-ARCH_KEYS = ("model", "moe")
 META_INIT_THRESHOLD = 2_000_000_000
 
 
@@ -73,9 +73,16 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
 
         self.data = DataPipeline(cfg, self.device, self.dp_rank, self.dp_size)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
-                                             self._dist_ops(), mirror=cfg.checkpoint.mirror)
+        ck = cfg.checkpoint
+        # checkpoint work agrees over CPU (gloo) groups of its own (a second one for the background save)
+        self.checkpoints = CheckpointManager(
+            self.run_dir, ck.keep_last, ck.keep_every, Dist.create(ck.timeout_s), mirror=ck.mirror,
+            async_dist=Dist.create(ck.timeout_s) if ck.async_save else None, mirror_required=ck.mirror_required,
+            mirror_claim=ck.mirror_claim, retries=cfg.data.retries)
         self.step = 0
+        self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.nonfinite_patience, self.device,
+                                    self.dims.world)
+        self.data_offset = 0     # steps of data skipped by non-finite rollbacks: step s trains on batch s + offset
         from ecdit_dist.profiling.training import TrainingProfiler
 
         self.profiler = TrainingProfiler(cfg, self.model, self.optimizer, rank, self.device, self.run_dir)
@@ -103,18 +110,6 @@ class Trainer:
         init_from_seed(model, cfg.seed)
         return model
 
-    def _dist_ops(self) -> Dist:
-        if self.dims.world == 1:
-            return Dist()
-
-        def all_ok(ok: bool) -> bool:
-            # on the training device: correct on an NCCL-only group too
-            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            return bool(flag.item())
-
-        return Dist(rank=self.rank, barrier=dist.barrier, all_ok=all_ok)
-
     def dp_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks that hold different data (tp ranks hold copies)."""
         if self.dims.world > 1:
@@ -132,41 +127,52 @@ class Trainer:
             "model": get_model_state_dict(self.model),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
             # per-sample randomness is keyed by (seed, step, index); the global RNG is kept for completeness
-            "trainer": {"step": torch.tensor(self.step), "rng": torch.get_rng_state()},
+            "trainer": {"step": torch.tensor(self.step), "rng": torch.get_rng_state(),
+                        "data_offset": torch.tensor(self.data_offset)},
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
 
     def resume(self) -> bool:
-        if not self.cfg.checkpoint.resume:
-            return False
-        full = self.cfg.checkpoint.verify == "sha256"
-        folder = self.checkpoints.latest_valid(full_verify=full)
-        if folder is None and self.cfg.checkpoint.mirror:
-            if self.is_main:
-                fetched = self.checkpoints.fetch_from_mirror(full)
-                if fetched is not None:
-                    print(f"fetched {fetched.name} from {self.cfg.checkpoint.mirror}", flush=True)
-            if self.dims.world > 1:
-                dist.barrier()
+        """Collective: check the run folder, load the newest valid checkpoint (local, else the mirror's)
+        after checking that this config may continue it, and claim the mirror prefix."""
+        from ecdit_dist.checkpoint.resume_check import compare
+
+        ck = self.cfg.checkpoint
+        self.checkpoints.check_shared_filesystem()
+        folder = None
+        if ck.resume:
+            full = ck.verify == "sha256"
             folder = self.checkpoints.latest_valid(full_verify=full)
-        if folder is None:
-            return False
-        saved = read_meta(folder).get("config", {})
-        now = self.cfg.to_dict()
-        diffs = [f"{s}.{k}: checkpoint {saved[s].get(k)!r} vs now {now[s][k]!r}"
-                 for s in ARCH_KEYS if s in saved for k in now[s] if saved[s].get(k) != now[s][k]]
-        if diffs:
-            raise ConfigError(f"cannot resume {folder}: the architecture differs ({'; '.join(diffs)}); "
-                              f"use another run.dir or set checkpoint.resume=false")
+            if folder is None and ck.mirror:
+                folder = self.checkpoints.fetch_from_mirror(full)
+                if folder is not None and self.is_main:
+                    print(f"fetched {folder.name} from {ck.mirror}", flush=True)
+        if folder is not None:
+            meta = read_meta(folder)
+            phase = compare(meta.get("config", {}), self.cfg.to_dict(), meta.get("data", {}).get("fingerprint"),
+                            self.data.fingerprint, folder, ck.allow_changes)
+            self.load_checkpoint(folder)
+            self.checkpoints.run_id = meta.get("run_id")
+            if self.is_main:
+                kind = "" if "optim" in meta.get("contents", ["optim"]) else " (weights only: fresh optimizer state)"
+                print(f"resumed from {folder} at step {self.step}{kind}", flush=True)
+                if phase:
+                    print(f"training phase changes: {'; '.join(phase)}", flush=True)
+        self.checkpoints.check_mirror_owner()
+        return folder is not None
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Collective: model, optimizer, EMA and trainer state from a committed checkpoint."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         meta = read_meta(folder)
         contents = set(meta.get("contents", ["model", "optim", "trainer", "ema"]))
         state = {k: v for k, v in self.state().items() if k in contents}
-        if "trainer" in state and "rng" not in meta.get("trainer_keys", ["step", "rng"]):
-            state["trainer"].pop("rng")
+        for key in ("rng", "data_offset"):
+            if "trainer" in state and key not in meta.get("trainer_keys", ["step", "rng"]):
+                state["trainer"].pop(key)
         self.checkpoints.load(folder, state)
         set_model_state_dict(self.model, state["model"])
         if "optim" in state:
@@ -174,17 +180,21 @@ class Trainer:
         if self.ema is not None and "ema" not in state:      # weights-only checkpoint: EMA starts at the weights
             self.ema = EMA(self.model, self.cfg.optim.ema_decay)
         self.step = int(state["trainer"]["step"])
+        self.data_offset = int(state["trainer"].get("data_offset", 0))
         if "rng" in state["trainer"]:
             torch.set_rng_state(state["trainer"]["rng"])
-        if self.is_main:
-            kind = "" if "optim" in state else " (weights only: fresh optimizer state)"
-            print(f"resumed from {folder} at step {self.step}{kind}", flush=True)
-        return True
 
-    def save(self, async_save: bool = False) -> Path:
+    def save(self, async_save: bool = False) -> Path | None:
+        # never a checkpoint of non-finite weights (agreed across ranks like the step verdict)
+        if not self.guard.agree(all_finite([p.detach() for p in self.model.parameters()]
+                                           + list(self.ema.state_dict().values() if self.ema else []))):
+            if self.is_main:
+                print(f"not saving step {self.step}: the weights are not finite", file=sys.stderr, flush=True)
+            return None
         state = self.state()
         meta = {"config": self.cfg.to_dict(), "contents": sorted(state), "trainer_keys": sorted(state["trainer"]),
-                "data": self.data.state(self.step),
+                "data": self.data.state(self.step + self.data_offset),
+                "healthy": self.guard.consecutive == 0,       # the last step was finite
                 "layout": {"world": self.dims.world, "dp_replicate": self.dims.dp_replicate,
                            "dp_shard": self.dims.dp_shard, "tp": self.dims.tp, "ep": self.dims.ep}}
         return self.checkpoints.save(self.step, state, meta, async_save=async_save)
@@ -192,7 +202,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def batch(self, step: int):
         """This rank's samples of global step `step`: latents, text, mask and the per-sample draws."""
-        b = self.data.load(step)
+        b = self.data.load(step + self.data_offset)
         self.last_ids = b["ids"]
         return b["latents"], b["text"], b["text_mask"], b["draws"]
 
@@ -241,18 +251,55 @@ class Trainer:
         lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
         set_lr(self.optimizer, lr)
         loss_sum, aux_sum = self.backward_step(step)
-        grad_norm = clip_grad_norm(list(self.model.parameters()), cfg.optim.grad_clip)
-        self.optimizer.step()
+        params = list(self.model.parameters())
+        grad_norm = clip_grad_norm(params, 0.0)          # the norm of the raw gradients
+        out: dict[str, Any] = {}
+        if self.guard.step_finite(loss_sum, grad_norm):
+            self.guard.record_finite()
+            clip_grads_to_norm(params, grad_norm, cfg.optim.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step)
+        else:
+            action = self.guard.on_nonfinite(step, lambda: self._nonfinite_culprit(loss_sum))
+            if self.is_main:
+                print(f"step {step}: non-finite loss or gradient; {action} "
+                      f"({self.guard.skipped_total} steps not applied so far)", file=sys.stderr, flush=True)
+            if action == "rollback":
+                self.optimizer.zero_grad(set_to_none=True)
+                out["rollback_to"] = self.rollback(step)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model, step)
-        out = {"loss": self.dp_sum(loss_sum) / cfg.train.global_batch_size, "lr": lr, "grad_norm": grad_norm}
+        out.update({"loss": self.dp_sum(loss_sum) / cfg.train.global_batch_size, "lr": lr, "grad_norm": grad_norm,
+                    "nonfinite/skipped_steps": self.guard.skipped_total})
         if any(isinstance(m, TokenChoiceMoE) for m in self.model.moe_layers()):
             aux_total = self.dp_sum(aux_sum) / self.dp_size
             if self.dims.tp > 1:
                 dist.all_reduce(aux_total, group=self.dims.group("dense", "tp"))
             out["aux_loss"] = aux_total
         return out
+
+    def _nonfinite_culprit(self, loss_sum: torch.Tensor) -> str:
+        from ecdit_dist.parallel.ac import clean_fqn
+
+        named = [("loss", loss_sum)]
+        named += [(f"{clean_fqn(n)} (gradient)", p.grad) for n, p in self.model.named_parameters()]
+        return self.guard.culprit(self.rank, named)
+
+    def rollback(self, bad_step: int) -> int:
+        """Reload the newest checkpoint and skip the data from it up to and including `bad_step`;
+        returns the step training continues from (collective)."""
+        self.checkpoints.wait()
+        folder = self.checkpoints.latest_valid(full_verify=self.cfg.checkpoint.verify == "sha256")
+        if folder is None:
+            raise NonFiniteError(f"step {bad_step}: non-finite loss or gradient and no checkpoint to roll back to "
+                                 f"(train.on_nonfinite=rollback needs checkpoint.interval > 0)")
+        data_step = bad_step + self.data_offset
+        self.load_checkpoint(folder)
+        self.data_offset = data_step + 1 - self.step
+        if self.is_main:
+            print(f"rolled back to {folder.name}; step {self.step} continues with the data of step "
+                  f"{self.step + self.data_offset}", file=sys.stderr, flush=True)
+        return self.step
 
     def aux_loss(self) -> torch.Tensor:
         losses = [m.aux_loss for m in self.model.moe_layers() if getattr(m, "aux_loss", None) is not None]
@@ -273,10 +320,13 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             print(f"layout: {self.dims.describe()}", flush=True)
         self.resume()
-        logger = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard)
+        if self.is_main:     # after the resume check: a refused config never replaces the run's
+            from ecdit_dist.checkpoint.resume_check import write_run_config
+
+            write_run_config(self.run_dir, dump_config(cfg), self.step)
+        logger = MetricsLogger(self.run_dir, self.is_main, cfg.logging.tensorboard, after_step=self.step)
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=self.step, disable=not (self.is_main and cfg.logging.progress),
@@ -289,6 +339,9 @@ class Trainer:
                 self.profiler.begin(step)
                 values = self.train_step(step)
                 self.profiler.end(step)
+                if "rollback_to" in values:          # the non-finite guard reloaded a checkpoint
+                    self.step = values["rollback_to"]
+                    continue
                 self.step = step + 1
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                     elapsed = time.perf_counter() - t0
@@ -395,6 +448,12 @@ class Trainer:
             dist.destroy_process_group()
 
 
+def positive_int(text: str) -> int:
+    from ecdit_dist.cli import positive_int as check
+
+    return check(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ecdit train",
@@ -409,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML run configuration (see configs/ and docs/CONFIG.md)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. --set train.steps=100 optim.lr=3e-4")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=None,
                    help="start this many ranks on this machine through torchrun (CPU: gloo, GPU: nccl)")
     p.add_argument("--dry-run", action="store_true",
                    help="build the model on the meta device under the layout's shard shapes (no process group), "
@@ -443,7 +502,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank is not None:
             get_error_handler().record_exception(e)
         return 2
-    trainer.run()
+    try:
+        trainer.run()
+    except (ConfigError, CheckpointError, NonFiniteError, DataError) as e:
+        rank = os.environ.get("RANK")
+        print(f"error{f' (rank {rank})' if rank is not None else ''}: {e}", file=sys.stderr, flush=True)
+        if rank is not None:
+            get_error_handler().record_exception(e)
+        return 2 if isinstance(e, ConfigError) else 1
     return EXIT_PREEMPTED if trainer.preemption.stopped else 0
 
 

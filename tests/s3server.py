@@ -45,46 +45,78 @@ def weed_binary() -> str:
     return found
 
 
-@contextmanager
-def seaweed(data_dir: Path):
-    """Yields the endpoint URL; sets AWS_* for this process (and its children) while running."""
-    taken: set[int] = set()
-    ports = {name: free_port_pair(taken) for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
-    env_keys = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}"}
-    data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-           f"-s3.port={ports['s3']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
-           "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-s3.autoCreateBucket=false", "-s3.allowDeleteBucketNotEmpty=false"]
-    log = open(data_dir / "weed.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **env_keys})
-    saved = {k: os.environ.get(k) for k in env_keys}
-    os.environ.update(env_keys)
-    try:
+class Server:
+    """A SeaweedFS process that a test may stop and start again (same ports, same data)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        taken: set[int] = set()
+        self.data_dir = data_dir
+        self.ports = {name: free_port_pair(taken) for name in ("master", "volume", "filer", "s3", "webdav", "admin")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
+        self.proc = None
+        self.log = None
+
+    def start(self) -> None:
+        p = self.ports
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-master.port={p['master']}", f"-volume.port={p['volume']}", f"-filer.port={p['filer']}",
+               f"-s3.port={p['s3']}", f"-webdav.port={p['webdav']}", f"-admin.port={p['admin']}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-s3.autoCreateBucket=false", "-s3.allowDeleteBucketNotEmpty=false"]
+        self.log = open(self.data_dir / "weed.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **self.env})
         import boto3
 
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
         deadline = time.time() + 60
         while True:
             try:
-                boto3.client("s3").list_buckets()
-                break
+                client.list_buckets()
+                return
             except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start: {(data_dir / 'weed.log').read_text()[-2000:]}")
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start: {(self.data_dir / 'weed.log').read_text()[-2000:]}")
                 time.sleep(0.3)
-        yield env_keys["AWS_ENDPOINT_URL"]
+
+    def stop(self) -> None:
+        """Stop the server (its whole process group, which this object started)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        except Exception:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+        self.log.close()
+
+
+@contextmanager
+def seaweed_server(data_dir: Path):
+    """Yields a started Server; sets AWS_* for this process (and its children) while it exists."""
+    server = Server(data_dir)
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        server.start()
+        yield server
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
+
+
+@contextmanager
+def seaweed(data_dir: Path):
+    """Yields the endpoint URL; sets AWS_* for this process (and its children) while running."""
+    with seaweed_server(data_dir) as server:
+        yield server.endpoint

@@ -171,11 +171,11 @@ def crash_during_commit(rank: int, world: int, run_dir: str) -> None:
     real = manager.write_manifest
     calls = []
 
-    def dying(folder):
+    def dying(folder, *args):
         calls.append(folder)
         if len(calls) == 2:
             os._exit(3)
-        return real(folder)
+        return real(folder, *args)
 
     manager.write_manifest = dying
     cfg = load_config(TINY, [f"run.dir={run_dir}", "train.steps=3", *QUIET, "checkpoint.interval=1", "logging.interval=1"])
@@ -241,3 +241,129 @@ def train_collect_ids(rank: int, world: int, run_dir: str, overrides: list[str],
 
     Recording(load_config(TINY, [*overrides, f"run.dir={run_dir}", f"train.steps={steps}", *QUIET])).run()
     return seen
+
+
+def nonfinite_guard(rank: int, world: int, run_dir: str, layout: list[str], steps: int, bad: int) -> dict[str, Any]:
+    """A NaN written into one gradient element of rank 1 at step `bad` (after the gradient
+    reduction, as a faulty device would): with on_nonfinite=skip against a run that never
+    applies step `bad`, then with on_nonfinite=stop."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.guard import NonFiniteError
+    from ecdit_dist.metrics import read_metrics
+    from ecdit_dist.parallel.ac import clean_fqn
+    from ecdit_dist.train import Trainer
+
+    poisoned: list[str] = []
+
+    class Faulty(Trainer):
+        def backward_step(self, step):
+            out = super().backward_step(step)
+            if step == bad and self.rank == 1:
+                for name, p in self.model.named_parameters():
+                    local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                    if local.numel():
+                        local.view(-1)[local.numel() // 2] = float("nan")
+                        poisoned.append(clean_fqn(name))
+                        break
+            return out
+
+    def config(name: str, *extra: str):
+        return load_config(TINY, [*EQUIV, "optim.ema_decay=0.9", *layout, "train.global_batch_size=8",
+                                  "logging.interval=1",
+                                  f"run.dir={run_dir}/{name}", f"train.steps={steps}", *QUIET, *extra])
+
+    guarded = Faulty(config("skip", "train.on_nonfinite=skip"))
+    guarded.fit()
+    ref = Trainer(config("ref"))
+    ref_losses = {}
+    for s in range(steps):
+        if s != bad:                                   # this run never sees step `bad`'s update
+            ref_losses[s + 1] = float(ref.train_step(s)["loss"])
+    same_params = all(torch.equal(_full(a), _full(b)) for a, b in zip(guarded.model.parameters(),
+                                                                       ref.model.parameters()))
+    same_ema = all(torch.equal(_full(guarded.ema.shadow[k]), _full(ref.ema.shadow[k])) for k in ref.ema.shadow)
+    stop_error = None
+    try:
+        Faulty(config("stop", "train.on_nonfinite=stop")).fit()
+    except NonFiniteError as e:
+        stop_error = str(e)
+    records = read_metrics(f"{run_dir}/skip") if rank == 0 else []
+    return {"records": records, "ref_losses": ref_losses, "same_params": same_params, "same_ema": same_ema,
+            "stop_error": stop_error, "poisoned": poisoned}
+
+
+def fill_disk(folder: str) -> None:
+    """Write a file into `folder` until the filesystem really returns ENOSPC."""
+    import errno
+
+    with open(Path(folder) / "filler", "wb", buffering=0) as f:
+        for chunk in (1 << 20, 4096, 1):
+            block = b"\0" * chunk
+            try:
+                while True:
+                    f.write(block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+
+
+def full_disk(rank: int, world: int, run_dir: str, phase: str) -> str | None:
+    """Train on a small filesystem; rank 0 fills it before the second checkpoint is written
+    (phase "save") or after its files are written, before the commit (phase "commit")."""
+    import ecdit_dist.checkpoint.manager as manager
+    from ecdit_dist.checkpoint.errors import CheckpointError
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+
+    if phase == "commit" and rank == 0:
+        real = manager.CheckpointManager._commit
+
+        def commit(self, d, step, *args):
+            if step == 2:
+                fill_disk(run_dir)
+            return real(self, d, step, *args)
+
+        manager.CheckpointManager._commit = commit
+
+    class Filling(Trainer):
+        def save(self, async_save=False):
+            if phase == "save" and self.step == 2 and self.rank == 0:
+                fill_disk(run_dir)
+            return super().save(async_save)
+
+    cfg = load_config(TINY, [*QUIET, f"run.dir={run_dir}", "train.steps=3", "checkpoint.interval=1",
+                             "train.global_batch_size=8", "parallel.timeout_s=600", "checkpoint.timeout_s=600"])
+    try:
+        Filling(cfg).run()
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def async_vs_sync(rank: int, world: int, run_dir: str, layout: list[str], steps: int) -> dict[str, Any]:
+    """The same run saved synchronously and in the background: weights, EMA and losses."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.metrics import read_metrics
+    from ecdit_dist.train import Trainer
+
+    out: dict[str, Any] = {}
+    for mode in ("sync", "async"):
+        cfg = load_config(TINY, [*QUIET, *layout, f"run.dir={run_dir}/{mode}", f"train.steps={steps}",
+                                 "checkpoint.interval=2", "checkpoint.keep_last=10", "train.global_batch_size=8",
+                                 "logging.interval=1", f"checkpoint.async_save={mode == 'async'}"])
+        t = Trainer(cfg)
+        t.fit()
+        out[mode] = {"params": [_full(p) for p in t.model.parameters()],
+                     "ema": {k: _full(v) for k, v in t.ema.shadow.items()}}
+        if rank == 0:
+            out[mode]["losses"] = [r["loss"] for r in read_metrics(f"{run_dir}/{mode}")]
+    return out
+
+
+def free_closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

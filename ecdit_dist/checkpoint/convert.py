@@ -2,7 +2,8 @@
 
 Every conversion checks the tensors it reads against the model that the config describes
 and fails naming missing, leftover and mis-shaped tensors before it writes anything.
-Outputs are written under temporary names and renamed when complete.
+An output folder is written as a staging folder beside it and renamed when complete; a
+non-empty output folder is refused unless `overwrite`, which replaces it whole.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import fnmatch
 import json
 import math
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from ecdit_dist.checkpoint.manager import CheckpointManager, read_meta, verify_checkpoint
+from ecdit_dist.checkpoint.manager import CheckpointManager, _fsync_dir, read_meta, verify_checkpoint
 from ecdit_dist.checkpoint.tensors import (
     ConvertError, DCPSource, SafetensorsSource, StagingBuffer, TensorInfo, check_keys, expected_tensors,
     open_source, parse_size, total_bytes, write_safetensors,
@@ -71,6 +74,41 @@ def _write_config(out: Path, config: dict[str, Any], extra: dict[str, Any]) -> N
     os.replace(tmp, out / CONFIG_JSON)
 
 
+def check_out(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that exists and is not empty, unless it is to be replaced whole."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out} exists and is not empty; choose another --out, or pass --overwrite to "
+                           f"replace it whole")
+
+
+@contextmanager
+def staged_output(out: str | Path, overwrite: bool = False):
+    """Yield a staging folder beside `out`; when the body completes it becomes `out` by a rename
+    (an existing `out` is replaced whole, never file by file). A crash or an error leaves `out` as
+    it was; the staging folder is removed on errors and ignored by readers (its name starts with '.')."""
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, out)
+    _fsync_dir(out.parent)
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -82,8 +120,10 @@ def _out_infos(infos: dict[str, TensorInfo], dtype: torch.dtype | None) -> dict[
 
 # ------------------------------------------------------------------------------------ export
 def export(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB", dtype: torch.dtype | None = None,
-           ema: bool = False, dry_run: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+           ema: bool = False, dry_run: bool = False, progress: Progress | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
     """Training checkpoint -> consolidated safetensors + config.json, one tensor in memory at a time."""
+    check_out(out, overwrite)
     src = open_source(checkpoint, ema=ema)
     if not isinstance(src, DCPSource):
         raise ConvertError(f"{checkpoint} is not a training checkpoint (no .metadata / checkpoints/)")
@@ -94,12 +134,13 @@ def export(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB",
             "max_shard_bytes": parse_size(max_shard_size), "out": str(out)}
     if dry_run:
         return plan
-    out = Path(out)
     staging = StagingBuffer(max(i.nbytes for i in src.infos.values()))
-    shards = write_safetensors(out, infos, lambda n: _cast(src.load(n, staging.view(src.infos[n])), dtype),
-                               plan["max_shard_bytes"], {"format": "pt", "source": FORMAT},
-                               _ticker(progress, plan["bytes"]))
-    _write_config(out, config, {"weights": "ema" if ema else "model", "step": read_meta(src.folder).get("step")})
+    with staged_output(out, overwrite) as stage:
+        shards = write_safetensors(stage, infos, lambda n: _cast(src.load(n, staging.view(src.infos[n])), dtype),
+                                   plan["max_shard_bytes"], {"format": "pt", "source": FORMAT},
+                                   _ticker(progress, plan["bytes"]))
+        _write_config(stage, config, {"weights": "ema" if ema else "model",
+                                      "step": read_meta(src.folder).get("step")})
     return {**plan, "files": [s.file for s in shards]}
 
 
@@ -134,7 +175,7 @@ def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
 def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None = None,
           tensor_weights: dict[str, list[float]] | None = None, max_shard_size: str = "5GB",
           dtype: torch.dtype | None = None, ema: bool = False, dry_run: bool = False,
-          progress: Progress | None = None) -> dict[str, Any]:
+          progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Weighted average of checkpoints (default: equal weights), tensor by tensor.
 
     `tensor_weights` maps glob patterns of tensor names to per-input weights (first match
@@ -142,6 +183,7 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
     """
     if not inputs:
         raise ConvertError("merge needs at least one input")
+    check_out(out, overwrite)
     sources = [open_source(p, ema=ema) for p in inputs]
     configs = [source_config(Path(p), s) for p, s in zip(inputs, sources)]
     for p, c in zip(inputs[1:], configs[1:]):
@@ -185,17 +227,17 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
             acc += s.load(name).double() * w
         return acc.to(dtype or first.dtype)
 
-    out = Path(out)
-    shards = write_safetensors(out, infos, produce, parse_size(max_shard_size),
-                               {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
-    _write_config(out, configs[0], {"merged_from": [str(p) for p in inputs], "merge_weights": weights})
+    with staged_output(out, overwrite) as stage:
+        shards = write_safetensors(stage, infos, produce, parse_size(max_shard_size),
+                                   {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
+        _write_config(stage, configs[0], {"merged_from": [str(p) for p in inputs], "merge_weights": weights})
     return {**plan, "files": [s.file for s in shards]}
 
 
 # ------------------------------------------------------------------------------------ upcycle
 def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: float = 0.0, router_std: float = 0.02,
             seed: int = 0, capacity_factor: float | None = None, max_shard_size: str = "5GB",
-            dry_run: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+            dry_run: bool = False, progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Dense checkpoint -> EC-DiT with `num_experts` experts per MoE layer.
 
     Every expert of a MoE layer starts as a copy of that layer's dense FFN (w1 (d_ff, d) ->
@@ -206,6 +248,7 @@ def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: floa
     """
     if num_experts < 1:
         raise ConvertError("--experts must be >= 1")
+    check_out(out, overwrite)
     src = open_source(src_path)
     config = source_config(Path(src_path), src)
     if config["moe"].get("num_experts", 0):
@@ -254,10 +297,10 @@ def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: floa
             w = w + (torch.randn(w.shape, generator=gen) * noise * std).to(w.dtype)
         return w.contiguous()
 
-    out = Path(out)
-    shards = write_safetensors(out, infos, produce, parse_size(max_shard_size),
-                               {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
-    _write_config(out, new_config, {"upcycled_from": str(src_path), "upcycle_noise": noise})
+    with staged_output(out, overwrite) as stage:
+        shards = write_safetensors(stage, infos, produce, parse_size(max_shard_size),
+                                   {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
+        _write_config(stage, new_config, {"upcycled_from": str(src_path), "upcycle_noise": noise})
     return {**plan, "files": [s.file for s in shards]}
 
 
@@ -281,7 +324,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None):
 def inspect(path: str | Path, verify: bool = True, ema: bool = False) -> dict[str, Any]:
     """Tensors, shapes, dtypes and totals of a checkpoint; checksums verified for training checkpoints."""
     path = Path(path)
-    src = open_source(path, ema=ema)
+    src = open_source(path, ema=ema, verify=False)      # verified once, below, when asked
     report: dict[str, Any] = {"path": str(path), "kind": "training" if isinstance(src, DCPSource) else "safetensors"}
     if isinstance(src, DCPSource):
         if verify:
@@ -304,8 +347,54 @@ def inspect(path: str | Path, verify: bool = True, ema: bool = False) -> dict[st
 
 
 # ------------------------------------------------------------------------------------ deepspeed
+# Plain data types that DeepSpeed ZeRO checkpoint files hold besides tensors and containers
+# (an enum, a dataclass and loss-scaler records without custom unpickling); anything else is refused.
+DEEPSPEED_SAFE_GLOBALS = (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                          ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                          ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                          ("deepspeed.utils.tensor_fragment", "fragment_address"))
+
+
+class _weights_only_torch_load:
+    """deepspeed's zero_to_fp32 calls torch.load(weights_only=False); while it runs, torch.load reads
+    with weights_only=True and admits only DEEPSPEED_SAFE_GLOBALS, so a checkpoint runs no code."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def __enter__(self):
+        import importlib
+        import pickle
+
+        allowed = []
+        for module, name in DEEPSPEED_SAFE_GLOBALS:
+            try:
+                allowed.append(getattr(importlib.import_module(module), name))
+            except (ImportError, AttributeError):
+                pass
+        self.real = real = torch.load
+        source = self.source
+
+        def load(f, *args, **kwargs):
+            kwargs["weights_only"] = True
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    return real(f, *args, **kwargs)
+                except pickle.UnpicklingError as e:
+                    raise ConvertError(f"DeepSpeed checkpoint {source}: {f} holds objects that weights-only loading "
+                                       f"refuses, so it is not read (no code from it runs): "
+                                       f"{str(e).splitlines()[0]}") from None
+
+        torch.load = load
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.load = self.real
+
+
 def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path, tag: str | None = None,
-                   max_shard_size: str = "5GB", dry_run: bool = False, progress: Progress | None = None) -> dict:
+                   max_shard_size: str = "5GB", dry_run: bool = False, progress: Progress | None = None,
+                   overwrite: bool = False) -> dict:
     """A DeepSpeed ZeRO (stage 1-3) checkpoint of an ECDiT without expert parallelism -> consolidated
     safetensors, through deepspeed's own zero_to_fp32 reader."""
     try:
@@ -314,9 +403,11 @@ def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path,
         raise ConvertError("reading DeepSpeed checkpoints needs deepspeed (pip install 'ecdit-dist[deepspeed]')") from None
     from ecdit_dist.config import load_config
 
+    check_out(out, overwrite)
     cfg = load_config(config_path)
     config = {"model": cfg.to_dict()["model"], "moe": cfg.to_dict()["moe"]}
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    with _weights_only_torch_load(ds_dir):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = expected_tensors(config["model"], config["moe"])
     infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -324,11 +415,11 @@ def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path,
     plan = {"source": str(ds_dir), "tensors": len(infos), "bytes": total_bytes(infos.values()), "out": str(out)}
     if dry_run:
         return plan
-    out = Path(out)
     infos = {k: infos[k] for k in expected}
-    shards = write_safetensors(out, infos, lambda n: state[n].contiguous(), parse_size(max_shard_size),
-                               {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
-    _write_config(out, config, {"converted_from": f"deepspeed:{ds_dir}"})
+    with staged_output(out, overwrite) as stage:
+        shards = write_safetensors(stage, infos, lambda n: state[n].contiguous(), parse_size(max_shard_size),
+                                   {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
+        _write_config(stage, config, {"converted_from": f"deepspeed:{ds_dir}"})
     return {**plan, "files": [s.file for s in shards]}
 
 

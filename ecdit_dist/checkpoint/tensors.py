@@ -14,13 +14,13 @@ import math
 import os
 import re
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
+from ecdit_dist.checkpoint import safe_load
 from ecdit_dist.checkpoint.manager import verify_checkpoint
 
 INDEX = "model.safetensors.index.json"
@@ -50,14 +50,13 @@ class DCPSource:
     """The tensors under `prefix` ("model" or "ema") of a committed training checkpoint."""
 
     def __init__(self, folder: str | Path, prefix: str = "model", verify: bool = True) -> None:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.folder = Path(folder)
         if verify:
             verify_checkpoint(self.folder)
         self.prefix = prefix
-        md = FileSystemReader(str(self.folder)).read_metadata().state_dict_metadata
+        md = safe_load.read_metadata(self.folder).state_dict_metadata
         self.infos: dict[str, TensorInfo] = {}
         for key, m in md.items():
             if key.startswith(prefix + ".") and isinstance(m, TensorStorageMetadata):
@@ -68,14 +67,10 @@ class DCPSource:
 
     def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor; into `out` (same shape and dtype) when given, e.g. a reused staging buffer."""
-        import torch.distributed.checkpoint as dcp
-
         info = self.infos[name]
         target = out if out is not None else torch.empty(info.shape, dtype=info.dtype)
         state = {f"{self.prefix}.{name}": target}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, checkpoint_id=str(self.folder))
+        safe_load.load(state, self.folder)
         return state[f"{self.prefix}.{name}"]
 
     def describe(self) -> str:
@@ -156,13 +151,14 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def open_source(path: str | Path, ema: bool = False):
-    """A training checkpoint (run folder or step folder) or consolidated safetensors."""
+def open_source(path: str | Path, ema: bool = False, verify: bool = True):
+    """A training checkpoint (run folder or step folder) or consolidated safetensors. `verify`:
+    check every file's sha256 against the manifest (else sizes only, for a run folder's choice)."""
     path = Path(path)
     if path.is_dir() and ((path / ".metadata").exists() or (path / "checkpoints").is_dir()):
         from ecdit_dist.inference import resolve_checkpoint
 
-        return DCPSource(resolve_checkpoint(path), "ema" if ema else "model", verify=False)  # resolve verified it
+        return DCPSource(resolve_checkpoint(path, verify), "ema" if ema else "model", verify=False)
     if ema:
         raise ConvertError(f"{path} is consolidated safetensors; --ema needs a training checkpoint")
     return SafetensorsSource(path)

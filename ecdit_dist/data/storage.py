@@ -9,10 +9,12 @@ the object and the cause and never contain credentials.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,12 @@ def explain(url: str, e: Exception) -> DataError:
     if code in MISSING:
         what = "bucket" if code == "NoSuchBucket" else "object"
         return DataError(f"{url}: {what} not found ({code})")
-    return DataError(f"{url}: {code}: {e}")
+    return DataError(f"{url}: {code}: {redact(str(e))}")
+
+
+def redact(text: str) -> str:
+    """Remove credentials embedded in URLs (e.g. an AWS_ENDPOINT_URL of http://key:secret@host)."""
+    return re.sub(r"(\w+://)[^@\s\"'<>]+@", r"\1***@", text)
 
 
 class S3Storage:
@@ -107,14 +114,18 @@ class S3Storage:
     page_size: int | None = None
     """Keys per listing page (MaxKeys); None = the server's default (1000 on AWS)."""
 
-    def __init__(self, retries: int = 5, backoff_s: float = 0.2, read_ahead: int = 256 << 10) -> None:
+    def __init__(self, retries: int = 5, backoff_s: float = 0.2, read_ahead: int = 256 << 10,
+                 page_size: int | None = None) -> None:
         import boto3
         from botocore.config import Config
 
         self.read_ahead = read_ahead
         self.retries = retries
         self.backoff_s = backoff_s
-        self.client = boto3.client("s3", config=Config(retries={"max_attempts": retries, "mode": "standard"},
+        if page_size is not None:
+            self.page_size = page_size
+        # one retry loop (ours, below): botocore's own retries would multiply with it
+        self.client = boto3.client("s3", config=Config(retries={"total_max_attempts": 1},
                                                        connect_timeout=10, read_timeout=60))
 
     def _call(self, url: str, fn: Callable, *args, **kwargs):
@@ -194,18 +205,22 @@ class S3Storage:
         return self.read_range(url, 0, size) if size else b""
 
     def put_file(self, local: str | Path, dest: str, sha256: str | None = None) -> None:
-        """Multipart upload (boto3 transfer) with the sha256 recorded in the object metadata."""
+        """Upload (multipart above 64 MiB, boto3 transfer) with an S3 SHA256 checksum per request
+        that the server verifies against the bytes it received (a mismatch is refused with
+        BadDigest), and the file's sha256 recorded in the object metadata."""
         from boto3.s3.transfer import TransferConfig
 
         bucket, key = split_s3(dest)
-        extra = {"Metadata": {"sha256": sha256 or sha256_of(local)}}
+        extra = {"Metadata": {"sha256": sha256 or sha256_of(local)}, "ChecksumAlgorithm": "SHA256"}
         cfg = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
         self._call(dest, self.client.upload_file, str(local), bucket, key, ExtraArgs=extra, Config=cfg)
 
     def put_bytes(self, dest: str, data: bytes) -> None:
         bucket, key = split_s3(dest)
+        digest = hashlib.sha256(data)
         self._call(dest, self.client.put_object, Bucket=bucket, Key=key, Body=data,
-                   Metadata={"sha256": hashlib.sha256(data).hexdigest()})
+                   Metadata={"sha256": digest.hexdigest()},
+                   ChecksumSHA256=base64.b64encode(digest.digest()).decode())
 
     def get_file(self, url: str, local: str | Path) -> None:
         bucket, key = split_s3(url)

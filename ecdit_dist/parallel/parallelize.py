@@ -133,13 +133,19 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     if total_sq is None:
         return torch.zeros(())
     total = total_sq.sqrt()
+    clip_grads_to_norm(params, total, max_norm)
+    return total
+
+
+def clip_grads_to_norm(params: list[nn.Parameter], total: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients so that their global norm `total` (from clip_grad_norm) becomes at most
+    max_norm; nothing when max_norm is 0."""
     if max_norm > 0 and math.isfinite(max_norm):
         # the coefficient stays a device tensor (no host sync); one foreach multiply per device
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         local: dict = defaultdict(list)
-        for g in grads:
+        for g in (p.grad for p in params if p.grad is not None):
             t = g.to_local() if hasattr(g, "to_local") else g
             local[t.device].append(t)
         for device, ts in local.items():
             torch._foreach_mul_(ts, coef.to(device))
-    return total
