@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ecdit_dist.planning.cli import add_plan_parser
 
     add_plan_parser(sub)
+    from ecdit_dist.evaluation import add_eval_parser
+
+    add_eval_parser(sub)
     f = sub.add_parser("profile", help="profile all-to-all bandwidth (a2a) or expert routing (routing)",
                        add_help=False)
     f.add_argument("rest", nargs=argparse.REMAINDER)
