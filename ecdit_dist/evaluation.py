@@ -226,9 +226,10 @@ def aggregate(verdicts: list[dict[str, bool | None]], weights: list[float] | Non
     for cat in (*CATEGORIES, "full_prompt"):
         pairs = [(v[cat], w) for v, w in zip(verdicts, weights) if v[cat] is not None]
         total = sum(w for _, w in pairs)
-        scores[cat] = sum(w for ok, w in pairs if ok) / total if total else float("nan")
+        scores[cat] = sum(w for ok, w in pairs if ok) / total if total else None   # None: no such prompt
         counts[cat] = len(pairs)
-    overall = float(np.mean([scores[c] for c in CATEGORIES]))
+    present = [scores[c] for c in CATEGORIES if scores[c] is not None]
+    overall = float(np.mean(present)) if present else None
     return {"overall": overall, "categories": {c: scores[c] for c in CATEGORIES},
             "full_prompt": scores["full_prompt"], "prompts_per_category": counts, "prompts": len(verdicts)}
 
@@ -289,7 +290,7 @@ def format_table(result: dict, chance: dict | None = None) -> str:
     rows.append(("(full_prompt)", result["full_prompt"], result["prompts_per_category"]["full_prompt"],
                  chance["full_prompt"] if chance else None))
     for name, s, n, ch in rows:
-        lines.append(f"{name:<20}{s:>8.3f}{n:>9}" + (f"{ch:>9.3f}" if ch is not None else ""))
+        lines.append(f"{name:<20}{'-' if s is None else f'{s:.3f}':>8}{n:>9}" + (f"{ch:>9.3f}" if ch is not None else ""))
     return "\n".join(lines)
 
 
@@ -297,7 +298,7 @@ def _write_json(path: str, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
@@ -347,7 +348,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json and args.json != "-":
         _write_json(args.json, out)
     if args.json == "-" or args.print_json:
-        print(json.dumps(out, indent=1))
+        print(json.dumps(out, indent=1, allow_nan=False))
     else:
         print(format_table(result, chance))
     return 0
