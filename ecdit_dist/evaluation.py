@@ -314,6 +314,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.renders:
         images, captions = render_prompts(args.prompts, args.size, args.prompt_seed)
         info.update(source="renders", image_size=args.size)
+        if args.through_vae:   # the ceiling of a perfect model: the toy VAE keeps 8 of 12 coefficients
+            import torch
+
+            from ecdit_dist.data.shapes import ShapesSource
+
+            vae = ShapesSource(256, args.size, 0).vae
+            x = torch.from_numpy(images) * 2 - 1
+            images = ((vae.decode(vae.encode(x)) + 1) / 2).numpy()
+            info["through_vae"] = True
     else:
         import torch
 
@@ -364,6 +373,8 @@ def add_eval_parser(sub) -> None:
                     "renders instead (near 1.0), --shuffle pairs images with other prompts (near chance).")
     e.add_argument("--checkpoint", help="a run folder (its newest valid checkpoint) or a checkpoints/step-N folder")
     e.add_argument("--renders", action="store_true", help="score ground-truth renders (validates the evaluator)")
+    e.add_argument("--through-vae", action="store_true",
+                   help="with --renders: encode and decode the renders with the toy VAE first (a perfect model's ceiling)")
     e.add_argument("--shuffle", action="store_true", help="pair every image with another image's prompt")
     e.add_argument("--prompts", type=_positive, default=200, help="prompts to score (default 200)")
     e.add_argument("--prompt-seed", type=int, default=EVAL_SEED, help=f"seed of the prompts (default {EVAL_SEED})")
