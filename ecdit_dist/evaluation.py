@@ -290,7 +290,8 @@ def format_table(result: dict, chance: dict | None = None) -> str:
     rows.append(("(full_prompt)", result["full_prompt"], result["prompts_per_category"]["full_prompt"],
                  chance["full_prompt"] if chance else None))
     for name, s, n, ch in rows:
-        lines.append(f"{name:<20}{'-' if s is None else f'{s:.3f}':>8}{n:>9}" + (f"{ch:>9.3f}" if ch is not None else ""))
+        value = "-" if s is None else f"{s:.3f}"
+        lines.append(f"{name:<20}{value:>8}{n:>9}" + (f"{ch:>9.3f}" if ch is not None else ""))
     return "\n".join(lines)
 
 
@@ -327,7 +328,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import torch
 
         from ecdit_dist.inference import load_for_sampling
-        from ecdit_dist.sample import generate, save_grid, to_uint8
+        from ecdit_dist.sample import generate
 
         bundle = load_for_sampling(args.checkpoint, use_ema=not args.no_ema, device=args.device,
                                    precision=args.precision)
@@ -344,8 +345,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(f"generated {min(start + args.batch_size, len(captions))}/{len(captions)}", file=sys.stderr)
         decoded = torch.cat(chunks)                                              # (B, 3, H, W) in [-1, 1]
         images = ((decoded.float().clamp(-1, 1) + 1) / 2).numpy()
-        if args.grid:
-            save_grid(to_uint8(decoded[:64]), min(8, len(captions)), captions[:64:8], args.grid)
         info.update(source="model", checkpoint=str(bundle.checkpoint), steps=steps, cfg_scale=scale,
                     seed=args.seed, ema=not args.no_ema, image_size=int(images.shape[-1]))
     if args.shuffle:
@@ -374,7 +373,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--checkpoint", help="a run folder (its newest valid checkpoint) or a checkpoints/step-N folder")
     e.add_argument("--renders", action="store_true", help="score ground-truth renders (validates the evaluator)")
     e.add_argument("--through-vae", action="store_true",
-                   help="with --renders: encode and decode the renders with the toy VAE first (a perfect model's ceiling)")
+                   help="with --renders: pass the renders through the toy VAE first (a perfect model's ceiling)")
     e.add_argument("--shuffle", action="store_true", help="pair every image with another image's prompt")
     e.add_argument("--prompts", type=_positive, default=200, help="prompts to score (default 200)")
     e.add_argument("--prompt-seed", type=int, default=EVAL_SEED, help=f"seed of the prompts (default {EVAL_SEED})")
@@ -387,8 +386,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--device", default="auto", help="auto (a GPU when CUDA is available, else the CPU), cpu, cuda:N")
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto = bf16 autocast on a GPU, fp32 on the CPU")
-    e.add_argument("--grid", help="also write a PNG grid of the first generated images here")
-    e.add_argument("--json", metavar="FILE", help="write the scores as JSON to FILE ('-' = stdout instead of the table)")
+    e.add_argument("--json", metavar="FILE",
+                   help="write the scores as JSON to FILE ('-' = stdout instead of the table)")
     e.add_argument("--print-json", action="store_true", help="print JSON instead of the table")
     e.set_defaults(func=_cmd_eval)
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ecdit_dist.data.shapes import BACKGROUND, COLOURS, COUNT_WORDS, POSITIONS, SHAPES, Scene
-from ecdit_dist.evaluation import (CATEGORIES, Detection, aggregate, chance_levels, derange, detect, parse_caption,
-                                   render_prompts, score_prompt)
+from ecdit_dist.evaluation import (CATEGORIES, Detection, aggregate, chance_levels, derange, detect, ideal_detections,
+                                   parse_caption, render_prompts, score_prompt)
 
 ROOT = Path(__file__).resolve().parents[1]
 N_RENDERS = 200
@@ -55,6 +55,11 @@ def test_shuffled_captions_score_near_chance(renders):
         assert result["categories"][cat] <= chance["categories"][cat] + 0.2, (seed, cat, result)
     assert abs(result["overall"] - chance["overall"]) <= 0.06, (seed, result, chance)
     assert result["overall"] <= 0.25
+    # the same pairing scored with what a perfect detector sees (the true scenes): the detector
+    # must agree with it, whatever this sample's distance from the grammar-wide chance
+    ideal = aggregate([score_prompt(parse_caption(p), ideal_detections(parse_caption(c)))
+                       for p, c in zip(shuffled, captions)])
+    assert abs(result["overall"] - ideal["overall"]) <= 0.03, (seed, result, ideal)
 
 
 def test_chance_levels_are_the_grammars():
