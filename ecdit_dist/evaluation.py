@@ -129,7 +129,7 @@ def _fit(patch: np.ndarray, oy: int, ox: int, k: int) -> tuple[float, list[tuple
     mass = patch.sum()
     if k == 1:
         parts = [(patch, mass)]
-    else:   # split along the principal axis of the patch at its centroid, 2-means style
+    else:   # cut the patch in two across its principal axis, through its centroid
         cy, cx = (patch * ys).sum() / mass, (patch * xs).sum() / mass
         cov = np.cov(np.stack([ys.ravel(), xs.ravel()]), aweights=patch.ravel() + 1e-12)
         axis = np.linalg.eigh(cov)[1][:, -1]
