@@ -203,7 +203,8 @@ def _add_convert(sub) -> None:
     i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in")
     i.add_argument("--group-size", default="64MiB",
                    help="tensors are read and written in groups up to this size (a larger tensor alone); "
-                        "peak memory is about 2-4x max(largest tensor, group size) (default 64MiB)")
+                        "peak memory is at most 2x (fp32) or 4x (bf16/fp16) max(largest tensor, group size) + 64 MiB "
+                        "(default 64MiB)")
     common(i, replaces=False)
     i.set_defaults(max_shard_size=None)
 

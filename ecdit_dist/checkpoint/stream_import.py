@@ -11,10 +11,10 @@ The result is an ordinary DCP checkpoint: training resumes from it on any layout
 converters read it.
 
 Memory: one group is alive at a time: its tensors as stored, plus an fp32 copy for the EMA
-where the stored dtype is not fp32 (an fp32 tensor is shared, not copied). Peak above the
-process's idle memory is about 2 x max(largest tensor, group_bytes) for fp32 inputs (the tensor,
-and the mapped source pages while it is copied out) and 4 x for bf16/fp16 ones, independent of
-the model size; docs/PERFORMANCE.md has measurements.
+where the stored dtype is not fp32 (an fp32 tensor is shared, not copied), plus the mapped
+source pages while a tensor is copied out. Stated bound on the peak above the idle process,
+with G = max(largest tensor, group_bytes): 2 G + 64 MiB for fp32 inputs, 4 G + 64 MiB for
+bf16/fp16 ones, whatever the model size (docs/PERFORMANCE.md has the measurements).
 """
 
 from __future__ import annotations
