@@ -154,7 +154,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                               args.dry_run, bar, overwrite=args.overwrite)
     elif op == "import":
         with _bar("import") as bar:
-            result = C.import_(args.src, args.run_dir, args.dry_run, bar)
+            result = C.import_(args.src, args.run_dir, args.dry_run, bar, group_size=args.group_size)
     elif op == "merge":
         tensor_weights = json.loads(Path(args.tensor_weights).read_text()) if args.tensor_weights else None
         with _bar("merge") as bar:
@@ -201,6 +201,10 @@ def _add_convert(sub) -> None:
                                    "run.dir=RUN_DIR on any layout then starts from them (fresh optimizer).")
     i.add_argument("--src", required=True, help="folder with *.safetensors (+ index) and config.json, or one file")
     i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in")
+    i.add_argument("--group-size", default="64MiB",
+                   help="tensors are read and written in groups up to this size (a larger tensor alone); "
+                        "peak memory is at most 2x (fp32) or 4x (bf16/fp16) max(largest tensor, group size) + 64 MiB "
+                        "(default 64MiB)")
     common(i, replaces=False)
     i.set_defaults(max_shard_size=None)
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ecdit_dist.checkpoint.manager import CheckpointManager, _fsync_dir, read_meta, verify_checkpoint
+from ecdit_dist.checkpoint.manager import _fsync_dir, read_meta, verify_checkpoint
 from ecdit_dist.checkpoint.tensors import (
     ConvertError, DCPSource, SafetensorsSource, StagingBuffer, TensorInfo, check_keys, expected_tensors,
     open_source, parse_size, total_bytes, write_safetensors,
@@ -146,28 +146,28 @@ def export(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB",
 
 # ------------------------------------------------------------------------------------ import
 def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
-            progress: Progress | None = None) -> dict[str, Any]:
+            progress: Progress | None = None, group_size: str = "64MiB") -> dict[str, Any]:
     """Consolidated safetensors + config.json -> a weights-only training checkpoint at step 0 in
     `run_dir`; training with that run.dir (any layout) starts from these weights with a fresh
-    optimizer. Holds the model once in memory (DCP writes a whole state at once)."""
+    optimizer. Streams: tensors are read and written in groups of at most `group_size` (a larger
+    tensor alone), so memory is bounded by the largest tensor or group, not the model
+    (see checkpoint/stream_import.py)."""
+    from ecdit_dist.checkpoint.stream_import import write_weights_checkpoint
+
     src = SafetensorsSource(src_path)
     config = source_config(Path(src_path), src)
-    check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+    expected = expected_tensors(config["model"], config["moe"])
+    check_keys(src.infos, expected, src.describe())
+    infos = {k: src.infos[k] for k in expected}        # the model's order, as a training save has it
+    group_bytes = parse_size(group_size)
     plan = {"source": src.describe(), "tensors": len(src.infos), "bytes": total_bytes(src.infos.values()),
+            "group_bytes": group_bytes, "largest_tensor_bytes": max(i.nbytes for i in src.infos.values()),
             "out": str(Path(run_dir) / "checkpoints" / "step-00000000")}
     if dry_run:
         return plan
-    tick = _ticker(progress, plan["bytes"])
-    weights = {}
-    for name, info in src.infos.items():
-        weights[name] = src.load(name)
-        if tick:
-            tick(info.nbytes)
-    state = {"model": weights, "ema": {k: v.float() for k, v in weights.items()},
-             "trainer": {"step": torch.tensor(0)}}
     meta = {"config": config, "contents": ["ema", "model", "trainer"], "trainer_keys": ["step"],
             "imported_from": str(src_path)}
-    CheckpointManager(run_dir).save(0, state, meta)
+    write_weights_checkpoint(run_dir, infos, src.load, meta, group_bytes or 1, _ticker(progress, plan["bytes"]))
     return plan
 
 
