@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 FORMS = ("bmm", "bmm_contiguous", "mm_loop", "grouped")
 ROLES = ("fwd", "dgrad", "wgrad")
@@ -197,6 +198,10 @@ def plan_for(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.d
     expert choice gives every rank the same static expert shapes."""
     if force != "auto":
         return GemmPlan.forced(force)
+    if device.type == "meta" or _get_current_dispatch_mode() is not None:
+        # shapes only (meta / fake tensors) or an active mode such as a FLOP counter: nothing to
+        # time, and timing would pollute what the mode records; the plain batched form, uncached
+        return GemmPlan.forced("bmm")
     key = (E, T, d, f, dtype, str(device), agree is not None)
     plan = _plans.get(key)
     if plan is None:
