@@ -9,7 +9,7 @@ from typing import Any
 
 from ecdit_dist.config import Config, ConfigError, config_from_dict, load_config
 from ecdit_dist.parallel.dims import ParallelDims
-from ecdit_dist.planning.estimate import GIB, Cluster, plan_layout
+from ecdit_dist.planning.estimate import GIB, Cluster, plan_layout, precision_of
 from ecdit_dist.planning.shards import ParamInfo, inventory
 
 __all__ = ["Cluster", "build_config", "make_plan", "search", "format_plan", "format_search", "dry_run"]
@@ -131,7 +131,7 @@ def make_plan(cfg: Config, cluster: Cluster, params: list[ParamInfo] | None = No
 
 
 def assumptions(cfg: Config, cluster: Cluster) -> dict:
-    return {"peak_tflops": cluster.peak(cfg.train.precision) / 1e12, "matmul_efficiency": cluster.matmul_efficiency,
+    return {"peak_tflops": cluster.peak(precision_of(cfg)) / 1e12, "matmul_efficiency": cluster.matmul_efficiency,
             "intra_node_gbps": cluster.intra_node_gbps, "inter_node_gbps": cluster.inter_node_gbps,
             "reserve_frac": cluster.reserve_frac,
             "overlap": "FSDP all-gather/reduce-scatter and HSDP all-reduce overlap compute (only the excess counts); "

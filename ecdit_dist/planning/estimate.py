@@ -47,6 +47,12 @@ class Cluster:
         return (self.peak_tflops or PEAK_TFLOPS[precision]) * 1e12
 
 
+def precision_of(cfg: Config) -> str:
+    """The compute precision a plan assumes: train.precision, with "auto" read as on the GPUs
+    plans are made for (bf16 autocast with fp32 master weights)."""
+    return "bf16" if cfg.train.precision == "auto" else cfg.train.precision
+
+
 def _bytes(precision: str) -> int:
     """Bytes of a compute-dtype activation."""
     return 2 if precision == "bf16" else 4
@@ -76,8 +82,8 @@ def block_activations(cfg: Config, dims: ParallelDims, micro: int, is_moe: bool)
     fp32 runs keep every saved tensor in fp32; bf16 autocast keeps matmul and attention inputs
     in bf16 and layer-norm inputs, statistics, router probabilities and gates in fp32."""
     m, moe = cfg.model, cfg.moe
-    a, f = _bytes(cfg.train.precision), 4
-    bf16 = cfg.train.precision == "bf16"
+    a, f = _bytes(precision_of(cfg)), 4
+    bf16 = precision_of(cfg) == "bf16"
     tp, d, hd = dims.tp, m.hidden_dim, m.head_dim
     B, S, L = micro, m.train_tokens_per_image, m.text_len
     n = B * S                                           # image tokens of this rank
@@ -112,13 +118,13 @@ def block_activations(cfg: Config, dims: ParallelDims, micro: int, is_moe: bool)
 def root_activations(cfg: Config, dims: ParallelDims, micro: int) -> int:
     """Bytes saved outside the blocks: embeddings, final layer, loss, and what blocks share."""
     m = cfg.model
-    a, f = _bytes(cfg.train.precision), 4
+    a, f = _bytes(precision_of(cfg)), 4
     B, S, d = micro, m.train_tokens_per_image, m.hidden_dim
     n, out = B * S, m.patch_size ** 2 * m.in_channels
     total = B * m.tokens_per_image * out * a + B * S * 8          # patch embedding input; kept indices
     total += B * m.tokens_per_image * d * f                        # every token's embedding (read by the gather)
     total += B * TIMESTEP_FREQ * a + 2 * B * d * a + B * d * a     # timestep MLP inputs; c (read by every adaLN)
-    if cfg.train.precision != "bf16":
+    if precision_of(cfg) != "bf16":
         total += B * m.text_len * m.text_dim * f                  # the text, shared by every cross-attention
     total += n * d * f + 2 * n * f + n * d * f + B * d * a + B * d * a + 2 * B * d * a + n * d * a  # final layer
     total += n * out * f                                           # loss: prediction - target
@@ -208,7 +214,7 @@ def a2a_bytes(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool) 
     if dims.ep == 1 or not cfg.moe.num_experts:
         return 0
     m, moe = cfg.model, cfg.moe
-    per_layer = dispatch_rows(cfg, dims, micro) * m.hidden_dim * (4 + _bytes(cfg.train.precision))
+    per_layer = dispatch_rows(cfg, dims, micro) * m.hidden_dim * (4 + _bytes(precision_of(cfg)))
     layers = sum(moe.is_moe_layer(i) for i in range(m.num_layers))
     return per_layer * layers * (3 if checkpointing else 2)
 
@@ -218,7 +224,7 @@ def tp_bytes(cfg: Config, dims: ParallelDims, micro: int) -> int:
     if dims.tp == 1:
         return 0
     m = cfg.model
-    a = _bytes(cfg.train.precision)
+    a = _bytes(precision_of(cfg))
     n, d = micro * m.train_tokens_per_image, m.hidden_dim
     text = micro * m.text_len * m.text_dim
     total = 0
@@ -245,7 +251,7 @@ def _link_time(nbytes: float, group: int, stride: int, cluster: Cluster) -> floa
 # --------------------------------------------------------------------------- one plan
 def plan_layout(cfg: Config, dims: ParallelDims, cluster: Cluster, params: list[ParamInfo]) -> dict:
     t = cfg.train
-    prec = t.precision
+    prec = precision_of(cfg)
     per_rank_batch = t.global_batch_size // dims.dp
     micro = t.micro_batch_size or per_rank_batch
     accum = per_rank_batch // micro
