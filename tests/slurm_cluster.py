@@ -132,21 +132,28 @@ PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.log")))
 
+    @staticmethod
+    def _is_daemon(pid: int) -> bool:
+        """The pid still names one of our daemons: a daemon that already exited may have left its
+        pid to an unrelated process (another test's rank), which must never get our signals."""
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return False
+        return name in ("munged", "slurmctld", "slurmd")
+
     def stop(self) -> None:
         for pid in reversed(self.pids):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            if self._is_daemon(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + 30
         for pid in self.pids:
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
+            while time.monotonic() < deadline and self._is_daemon(pid):
                 time.sleep(0.2)
-            else:
+            if self._is_daemon(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
