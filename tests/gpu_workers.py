@@ -234,3 +234,28 @@ def sample_at_end(rank: int, world: int, overrides: list[str], run_dir: str) -> 
     over = [*QUIET, "sample.at_end=true", "sample.steps=2", "sample.per_prompt=1", "train.steps=2", *overrides,
             f"run.dir={run_dir}"]
     Trainer(load_config(TINY, over)).run()
+
+
+# ------------------------------------------------------------------ host reads per step (CPU twin)
+def host_reads(rank: int, world: int, overrides: list[str], run_dir: str, steps: int) -> list[list[str]]:
+    """fit() for `steps` steps (the last one logs, with routing statistics): the operations that
+    would make the host wait for the device (tests/host_sync.py), counted inside each training step."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+    from host_sync import count_host_syncs
+
+    per_step: list[list[str]] = []
+
+    class Counted(Trainer):
+        def train_step(self, step, log=False):
+            with count_host_syncs() as syncs:
+                out = super().train_step(step, log=log)
+            per_step.append(syncs.ops)
+            return out
+
+    over = [*QUIET, "train.global_batch_size=8", f"train.steps={steps}", f"logging.interval={steps}",
+            "optim.grad_clip=1.0", *overrides, f"run.dir={run_dir}"]
+    trainer = Counted(load_config(TINY, over))
+    trainer.run()
+    assert trainer.step == steps
+    return per_step

@@ -7,7 +7,7 @@ import torch
 from ecdit_dist.config import ConfigError
 from ecdit_dist.device import autocast_dtype, process_group_backend, select_device, to_device
 from ecdit_dist.parallel.local import run_ranks
-from gpu_workers import audit_collectives, audited_run, bf16_run, init_weights
+from gpu_workers import audit_collectives, audited_run, bf16_run, host_reads, init_weights
 
 # bf16 layouts against one bf16 process: loss of each of the first steps, relative. The TP row-parallel
 # projections add bf16 partial products across ranks (one extra bf16 rounding per sub-layer).
@@ -141,3 +141,26 @@ def test_sampling_during_training_uses_the_sharded_model(tmp_path):
     b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
     assert a.shape == b.shape and a.std() > 0
     assert np.abs(a - b).max() <= 1
+
+
+def test_host_sync_counter_sees_what_would_wait_for_a_gpu():
+    """The counter of tests/host_sync.py catches value reads and value-sized outputs, and only those."""
+    from host_sync import count_host_syncs
+
+    x = torch.randn(6)
+    with count_host_syncs() as syncs:
+        y = (x * 2).softmax(0)
+        torch.repeat_interleave(x, torch.full((6,), 2), output_size=12)    # sized by the caller: no wait
+    assert syncs.count == 0, syncs.ops
+    with count_host_syncs() as syncs:
+        float(y.sum()), bool(y.max() > 0), y.tolist(), x[x > 0], torch.nonzero(x), x.int().abs().bincount()
+    assert syncs.count == 6, syncs.ops
+
+
+@pytest.mark.parametrize("world,overrides", [(1, []), (2, ["parallel.ep=2"])], ids=["1-rank", "ep2"])
+def test_one_host_read_per_expert_choice_step(world, overrides, tmp_path):
+    """Every expert-choice training step (gradient clipping and EMA on, the logging step with its
+    routing statistics included) reads the device once: the step report's tolist()."""
+    per_step = run_ranks(host_reads, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), 3, timeout=300)
+    for rank, steps in enumerate(per_step):
+        assert steps == [["tolist"]] * 3, f"rank {rank}: {steps}"
