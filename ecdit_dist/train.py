@@ -398,17 +398,6 @@ class Trainer:
             logger.close()
         return last
 
-    def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """The EMA (or raw) weights as full CPU tensors on the first rank; collective; None elsewhere."""
-        from ecdit_dist.parallel.ac import clean_fqn
-
-        if self.cfg.sample.use_ema and self.ema is not None:
-            named = self.ema.state_dict().items()
-        else:
-            named = ((clean_fqn(k), p) for k, p in self.model.named_parameters())
-        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in named}
-        return full if self.is_main else None
-
     def sample_grid(self, path: Path) -> Path | None:
         from ecdit_dist.data.text import build_text_encoder
         from ecdit_dist.sample import sample_grid
@@ -429,22 +418,14 @@ class Trainer:
                 model = copy.deepcopy(self.model)
                 self.ema.copy_to(model)
             return sample_grid(model, *args)
-        if self.dims.tp == 1:
-            # every rank runs the same prompts through the sharded model (a collective forward):
-            # no full copy of the model anywhere, nobody waits
-            with ema_weights(self.model, self.ema if use_ema else None):
-                out = sample_grid(self.model, *args) if self.is_main else None
-                if not self.is_main:
-                    sample_with_peers(self.model, *args)
-            return out
-        # tensor parallelism splits the sampler's tokens over tp ranks, which its batch padding does not
-        # guarantee: the first rank samples from a full copy in host memory instead (not on its GPU)
-        weights = self.full_weights()
-        if not self.is_main:
-            return None
-        model = ECDiT(cfg.model, cfg.moe)
-        model.load_state_dict(weights)
-        return sample_grid(model, *args)
+        # every rank runs the same prompts through the sharded model (a collective forward; under
+        # tensor parallelism the batch is padded to whole routing groups per tp rank): no full copy
+        # of the model anywhere, nobody waits
+        with ema_weights(self.model, self.ema if use_ema else None):
+            if self.is_main:
+                return sample_grid(self.model, *args, token_split=self.dims.tp)
+            sample_with_peers(self.model, *args, token_split=self.dims.tp)
+        return None
 
     def run(self) -> dict[str, Any]:
         """fit(), then leave the process group (waiting for the other ranks only after success)."""
