@@ -108,7 +108,7 @@ class Preemption:
         rank = os.environ.get("RANK", "0")
         if self.first_at is None:
             self.first_at, self.signal_name = now, sig.name
-            print(f"rank {rank}: got {sig.name}; saving a checkpoint at the next step boundary and stopping "
+            print(f"rank {rank}: got {sig.name}; saving a checkpoint after this step (or the next) and stopping "
                   f"(send it again to exit at once)", file=sys.stderr, flush=True)
         elif now - self.first_at > self.repeat_window_s:
             print(f"rank {rank}: got {sig.name} again; exiting now without a checkpoint",
