@@ -191,3 +191,25 @@ def test_sampling_with_tensor_parallelism_uses_the_sharded_model(world, override
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in got["grids"])
     assert a.shape == b.shape and a.std() > 0
     assert np.abs(a - b).max() <= 1
+
+
+def test_step_report_sums_entries_in_one_read():
+    """One process: entries come back as floats (zero where this rank does not contribute); NaN
+    stays NaN; a name added twice is refused."""
+    import math
+
+    from ecdit_dist.step_report import StepReport
+    from host_sync import count_host_syncs
+
+    report = StepReport(torch.device("cpu"), distributed=False)
+    report.add("flag", 1.0)
+    report.add("loss", torch.tensor(2.5, dtype=torch.float64))
+    report.add("norm", torch.tensor(3.0), contribute=False)
+    report.add("bad", torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="'flag' added twice"):
+        report.add("flag", 0.0)
+    with count_host_syncs() as syncs:
+        got = report.read()
+    assert syncs.ops == ["tolist"]
+    assert {k: v for k, v in got.items() if k != "bad"} == {"flag": 1.0, "loss": 2.5, "norm": 0.0}
+    assert math.isnan(got["bad"])
