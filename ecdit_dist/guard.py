@@ -1,8 +1,10 @@
 """The non-finite guard: a step whose loss or gradients are not finite on any rank is not applied.
 
-Every step, each rank reduces "is my loss and my gradient norm finite" into one flag, and
-one all-reduce (MAX, a 1-element tensor on the training device) makes the verdict every
-rank's: one rank's NaN is everyone's, so every rank skips, stops or rolls back at the
+Every step, each rank notes "my loss or my gradient norm is not finite" as a 0/1 entry of the
+step's report (ecdit_dist/step_report.py): one all-reduce of one small tensor, read once by
+the host before the optimizer update, makes the verdict every rank's (together with the
+preemption flag, the loss and the gradient norm). One rank's NaN is everyone's, so every
+rank skips, stops or rolls back at the
 same step. Policies (`train.on_nonfinite`):
 
 - skip: the update is not applied (weights, optimizer state and EMA untouched) and the step
@@ -16,8 +18,8 @@ A stop raises NonFiniteError on every rank, naming the step and the first non-fi
 tensor (its name and the rank that holds it). Checkpoints are only written from finite
 weights (`weights_finite`, agreed across ranks the same way).
 
-The flag is its own all-reduce, kept separate from other per-step agreements (such as a
-preemption flag) so that the two can later be fused into one reduction.
+Outside the step (the finiteness of the weights before a checkpoint) `agree` is a 1-element
+all-reduce of its own.
 """
 
 from __future__ import annotations
@@ -75,10 +77,20 @@ class NonFiniteGuard:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return not bool(bad.item())
 
+    def nonfinite_here(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """This rank's entry of the step report: 1.0 if its loss or the gradient norm is not finite,
+        else 0.0 (a 0-dim float tensor on the training device; no host synchronisation)."""
+        return (~all_finite([loss.detach(), grad_norm.detach()]).to(self.device)).float()
+
+    @staticmethod
+    def verdict(nonfinite_ranks: float) -> bool:
+        """The step is finite everywhere: the all-rank sum of `nonfinite_here` is 0 (NaN counts as not)."""
+        return nonfinite_ranks == 0
+
     def step_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Collective: the step's loss (this rank's) and global gradient norm are finite everywhere."""
-        here = all_finite([loss.detach(), grad_norm.detach()]).to(self.device)
-        return self.agree(here)
+        """Collective: the step's loss (this rank's) and global gradient norm are finite everywhere
+        (a reduction of its own; the training step uses `nonfinite_here` in its step report)."""
+        return self.agree(self.nonfinite_here(loss, grad_norm) == 0)
 
     def record_finite(self) -> None:
         self.consecutive = 0

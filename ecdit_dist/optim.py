@@ -13,11 +13,9 @@ from ecdit_dist.parallel.ac import clean_fqn
 
 
 def mesh_key(t: torch.Tensor):
-    """Which device mesh (and placements) a tensor lives on; None for a plain tensor."""
-    mesh = getattr(t, "device_mesh", None)
-    if mesh is None:
-        return None
-    return (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names)
+    """Which device mesh a tensor lives on (the DeviceMesh, which compares by ranks, shape and
+    dimension names and caches its hash: no read of the mesh's rank tensor); None for a plain tensor."""
+    return getattr(t, "device_mesh", None)
 
 
 def by_mesh(params: Iterable[torch.Tensor]) -> list[list[int]]:

@@ -9,14 +9,18 @@ What schedulers send, and how long they wait before SIGKILL:
 | Slurm `#SBATCH --signal=B:USR1@300` | SIGUSR1 | the batch shell only (the generated script requeues) | the 300 s before the time limit |
 | Kubernetes (pod deletion, node drain, preemption) | SIGTERM | the container's main process (torchrun) | `terminationGracePeriodSeconds`, default 30 s |
 
-The budget every one of these must cover is one training step plus one checkpoint write.
+The budget every one of these must cover is two training steps plus one checkpoint write.
 
 How it works: the signal handler does nothing but note the signal (a helper thread reads the
 signal numbers from `signal.set_wakeup_fd`, so this also works while the main thread sits in
-a collective). At every step boundary the trainer calls `agreed()`: one tiny all-reduce (MAX)
-of "did this rank get a signal" on the training device, so every rank learns at the same
-step that some rank was asked to stop. The trainer then saves that step (whatever
-`checkpoint.interval` is) and exits with `EXIT_PREEMPTED`.
+a collective). Every training step carries "did this rank get a signal" as one entry of its
+step report (ecdit_dist/step_report.py: one all-reduce and one host read per step, shared
+with the non-finite verdict and the loss), so every rank learns at the same step that some
+rank was asked to stop. The report is read after the backward pass: a signal that arrives
+later in step s is seen in step s + 1's report, so the run finishes at most one more step.
+The trainer then saves the step it reached (whatever `checkpoint.interval` is) and exits
+with `EXIT_PREEMPTED`. `agreed()` is the same agreement as a collective of its own, for
+callers outside the training step.
 
 A rank in a cgroup-wide kill gets the signal twice (from the scheduler and again from the
 torchrun agent); repeats within `REPEAT_WINDOW_S` of the first signal count as the same request.
@@ -104,7 +108,7 @@ class Preemption:
         rank = os.environ.get("RANK", "0")
         if self.first_at is None:
             self.first_at, self.signal_name = now, sig.name
-            print(f"rank {rank}: got {sig.name}; saving a checkpoint at the next step boundary and stopping "
+            print(f"rank {rank}: got {sig.name}; saving a checkpoint after this step (or the next) and stopping "
                   f"(send it again to exit at once)", file=sys.stderr, flush=True)
         elif now - self.first_at > self.repeat_window_s:
             print(f"rank {rank}: got {sig.name} again; exiting now without a checkpoint",
@@ -126,6 +130,11 @@ class Preemption:
         self._installed = False
 
     # ------------------------------------------------------------------ agreement
+    def settle(self, any_rank_requested: bool) -> bool:
+        """Take the all-rank verdict of a step report (the same value on every rank); sticky."""
+        self.stopped = self.stopped or bool(any_rank_requested)
+        return self.stopped
+
     def agreed(self) -> bool:
         """Collective at a step boundary: True on every rank iff some rank got a signal."""
         if self.stopped:

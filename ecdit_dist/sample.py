@@ -36,7 +36,7 @@ def routes_prompts_alone(model: ECDiT, guided: bool) -> bool:
 
 @torch.no_grad()
 def generate(model: ECDiT, text: torch.Tensor, text_mask: torch.Tensor, steps: int, cfg_scale: float,
-             seed: int, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+             seed: int, autocast_dtype: torch.dtype | None = None, token_split: int = 1) -> torch.Tensor:
     """Latents (B, C, H, W) for B text conditions. Noise of image i is keyed by (seed, i).
 
     Expert choice routes groups of `moe.eval_group_size` consecutive tokens together,
@@ -55,6 +55,11 @@ def generate(model: ECDiT, text: torch.Tensor, text_mask: torch.Tensor, steps: i
       the last group and is dropped afterwards.
 
     `routes_prompts_alone(model, guided)` says which case applies.
+
+    `token_split`: the number of ranks each MoE layer splits its tokens over (the tensor-parallel
+    size of a sharded model, whose ranks all call `generate` with the same arguments). The batch
+    is then padded so that every rank's contiguous share holds whole groups, the same groups one
+    process forms: the padding only adds whole groups after the real images, which change nothing.
     """
     mcfg = model.config
     param = next(model.parameters())
@@ -62,7 +67,9 @@ def generate(model: ECDiT, text: torch.Tensor, text_mask: torch.Tensor, steps: i
     dtype = torch.promote_types(param.dtype, torch.float32)   # float64 models sample in float64
     B = text.shape[0]
     copies = 1 if cfg_scale == 1.0 else 2
-    mult = _batch_multiple(mcfg.tokens_per_image, model.moe_config.eval_group_size, copies) \
+    if token_split < 1:
+        raise ValueError(f"token_split must be at least 1, got {token_split}")
+    mult = _batch_multiple(mcfg.tokens_per_image, model.moe_config.eval_group_size * token_split, copies) \
         if model.moe_config.num_experts else 1
     padded = math.ceil(B / mult) * mult
     if padded != B:
@@ -123,9 +130,11 @@ def save_grid(images: np.ndarray, rows: int, labels: list[str], path: str | Path
 
 
 def sample_grid(model: ECDiT, text_encoder, decode, prompts: list[str], per_prompt: int, steps: int,
-                cfg_scale: float, seed: int, path: str | Path, autocast_dtype: torch.dtype | None = None) -> Path:
-    """Generate `per_prompt` images per prompt and write them as one labelled row per prompt."""
+                cfg_scale: float, seed: int, path: str | Path, autocast_dtype: torch.dtype | None = None,
+                token_split: int = 1) -> Path:
+    """Generate `per_prompt` images per prompt and write them as one labelled row per prompt
+    (`token_split`: see `generate`)."""
     texts = [p for p in prompts for _ in range(per_prompt)]
     emb, mask = text_encoder.encode(texts)
-    latents = generate(model, emb, mask, steps, cfg_scale, seed, autocast_dtype)
+    latents = generate(model, emb, mask, steps, cfg_scale, seed, autocast_dtype, token_split)
     return save_grid(to_uint8(decode(latents)), len(prompts), prompts, path)

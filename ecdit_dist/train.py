@@ -35,6 +35,7 @@ from ecdit_dist.parallel.parallelize import (clip_grad_norm, clip_grads_to_norm,
                                              set_gradient_sync)
 from ecdit_dist.parallel.sampling import ema_weights, sample_with_peers
 from ecdit_dist.preemption import EXIT_PREEMPTED, Preemption
+from ecdit_dist.step_report import StepReport
 
 META_INIT_THRESHOLD = 2_000_000_000
 
@@ -65,6 +66,7 @@ class Trainer:
         self.is_main = rank == 0
         coords = self.dims.coords(rank)
         self.dp_rank, self.dp_size = coords["dp"], self.dims.dp
+        self.tp_rank = coords["tp"]
         self.run_dir = Path(cfg.run.dir)
         self.autocast_dtype = autocast_dtype(cfg.train.precision, self.device.type)
 
@@ -246,15 +248,30 @@ class Trainer:
         finish_gradients(self.model, self.dims)
         return loss_sum, aux_sum
 
-    def train_step(self, step: int) -> dict[str, Any]:
+    def train_step(self, step: int, log: bool = False) -> dict[str, Any]:
+        """One optimizer step (or a skip / rollback by the non-finite guard). The host reads the
+        device once, after the gradient norm and before the update: the step report (see
+        ecdit_dist/step_report.py). `log` adds the routing statistics to that read."""
         cfg = self.cfg
         lr = cfg.optim.lr * lr_factor(step, cfg.optim, cfg.train.steps)
         set_lr(self.optimizer, lr)
         loss_sum, aux_sum = self.backward_step(step)
         params = list(self.model.parameters())
-        grad_norm = clip_grad_norm(params, 0.0)          # the norm of the raw gradients
+        grad_norm = clip_grad_norm(params, 0.0)          # the norm of the raw gradients (every rank holds it)
+        token_choice = any(isinstance(m, TokenChoiceMoE) for m in self.model.moe_layers())
+        report = StepReport(self.device, self.dims.world > 1)
+        report.add("nonfinite", self.guard.nonfinite_here(loss_sum, grad_norm))
+        report.add("preempt", float(self.preemption.requested))
+        report.add("loss", loss_sum, contribute=self.tp_rank == 0)     # tp ranks hold copies of the loss
+        report.add("grad_norm", grad_norm, contribute=self.is_main)
+        if token_choice:
+            report.add("aux", aux_sum)
+        routing = self._routing_entries(report) if log else []
+        got = report.read()                              # the step's one host read (a collective)
+        if step + 1 < cfg.train.steps:                  # a signal during the last step: the run is complete
+            self.preemption.settle(got["preempt"] > 0)
         out: dict[str, Any] = {}
-        if self.guard.step_finite(loss_sum, grad_norm):
+        if self.guard.verdict(got["nonfinite"]):
             self.guard.record_finite()
             clip_grads_to_norm(params, grad_norm, cfg.optim.grad_clip)
             self.optimizer.step()
@@ -269,14 +286,23 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 out["rollback_to"] = self.rollback(step)
         self.optimizer.zero_grad(set_to_none=True)
-        out.update({"loss": self.dp_sum(loss_sum) / cfg.train.global_batch_size, "lr": lr, "grad_norm": grad_norm,
+        out.update({"loss": got["loss"] / cfg.train.global_batch_size, "lr": lr, "grad_norm": got["grad_norm"],
                     "nonfinite/skipped_steps": self.guard.skipped_total})
-        if any(isinstance(m, TokenChoiceMoE) for m in self.model.moe_layers()):
-            aux_total = self.dp_sum(aux_sum) / self.dp_size
-            if self.dims.tp > 1:
-                dist.all_reduce(aux_total, group=self.dims.group("dense", "tp"))
-            out["aux_loss"] = aux_total
+        if token_choice:
+            out["aux_loss"] = got["aux"] / self.dp_size      # mean over data-parallel ranks, summed over tp
+        out.update({name: got[name] for name in routing})
         return out
+
+    def _routing_entries(self, report: StepReport) -> list[str]:
+        """The first rank's routing statistics of this step, as step-report entries; their names."""
+        names = []
+        for i, block in enumerate(self.model.blocks):
+            if block.is_moe and block.ffn.stats is not None:
+                for j, what in enumerate(("experts_per_token_mean", "experts_per_token_max", "unchosen_share")):
+                    name = f"moe/layer{i}/{what}"
+                    report.add(name, block.ffn.stats[j], contribute=self.is_main)
+                    names.append(name)
+        return names
 
     def _nonfinite_culprit(self, loss_sum: torch.Tensor) -> str:
         from ecdit_dist.parallel.ac import clean_fqn
@@ -305,16 +331,6 @@ class Trainer:
         losses = [m.aux_loss for m in self.model.moe_layers() if getattr(m, "aux_loss", None) is not None]
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
-    def routing_metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for i, block in enumerate(self.model.blocks):
-            if block.is_moe and block.ffn.stats is not None:
-                mean, mx, unchosen = block.ffn.stats.tolist()
-                out[f"moe/layer{i}/experts_per_token_max"] = mx
-                out[f"moe/layer{i}/unchosen_share"] = unchosen
-                out[f"moe/layer{i}/experts_per_token_mean"] = mean
-        return out
-
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -337,17 +353,19 @@ class Trainer:
             while self.step < cfg.train.steps:
                 step = self.step
                 self.profiler.begin(step)
-                values = self.train_step(step)
+                log = (step + 1) % cfg.logging.interval == 0 or step + 1 == cfg.train.steps
+                values = self.train_step(step, log=log)
                 self.profiler.end(step)
                 if "rollback_to" in values:          # the non-finite guard reloaded a checkpoint
                     self.step = values["rollback_to"]
+                    if self.preemption.stopped:
+                        break
                     continue
                 self.step = step + 1
-                if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+                if log:
                     elapsed = time.perf_counter() - t0
                     rate = (self.step - n0) / max(elapsed, 1e-9)
                     last = {k: float(v) for k, v in values.items()}
-                    last.update(self.routing_metrics())
                     if self.data.skipped:
                         last["data/skipped_shards"] = len(self.data.skipped)
                     last["steps_per_s"] = rate
@@ -360,7 +378,8 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.train.steps:
                     self.save(async_save=cfg.checkpoint.async_save)
                 bar.update(1)
-                if self.step < cfg.train.steps and self.preemption.agreed():
+                # every rank read the same preemption verdict in this step's report
+                if self.step < cfg.train.steps and self.preemption.stopped:
                     break
             self.checkpoints.wait()
             if self.step not in self.checkpoints.committed_steps():
@@ -378,17 +397,6 @@ class Trainer:
             bar.close()
             logger.close()
         return last
-
-    def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """The EMA (or raw) weights as full CPU tensors on the first rank; collective; None elsewhere."""
-        from ecdit_dist.parallel.ac import clean_fqn
-
-        if self.cfg.sample.use_ema and self.ema is not None:
-            named = self.ema.state_dict().items()
-        else:
-            named = ((clean_fqn(k), p) for k, p in self.model.named_parameters())
-        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in named}
-        return full if self.is_main else None
 
     def sample_grid(self, path: Path) -> Path | None:
         from ecdit_dist.data.text import build_text_encoder
@@ -410,22 +418,14 @@ class Trainer:
                 model = copy.deepcopy(self.model)
                 self.ema.copy_to(model)
             return sample_grid(model, *args)
-        if self.dims.tp == 1:
-            # every rank runs the same prompts through the sharded model (a collective forward):
-            # no full copy of the model anywhere, nobody waits
-            with ema_weights(self.model, self.ema if use_ema else None):
-                out = sample_grid(self.model, *args) if self.is_main else None
-                if not self.is_main:
-                    sample_with_peers(self.model, *args)
-            return out
-        # tensor parallelism splits the sampler's tokens over tp ranks, which its batch padding does not
-        # guarantee: the first rank samples from a full copy in host memory instead (not on its GPU)
-        weights = self.full_weights()
-        if not self.is_main:
-            return None
-        model = ECDiT(cfg.model, cfg.moe)
-        model.load_state_dict(weights)
-        return sample_grid(model, *args)
+        # every rank runs the same prompts through the sharded model (a collective forward; under
+        # tensor parallelism the batch is padded to whole routing groups per tp rank): no full copy
+        # of the model anywhere, nobody waits
+        with ema_weights(self.model, self.ema if use_ema else None):
+            if self.is_main:
+                return sample_grid(self.model, *args, token_split=self.dims.tp)
+            sample_with_peers(self.model, *args, token_split=self.dims.tp)
+        return None
 
     def run(self) -> dict[str, Any]:
         """fit(), then leave the process group (waiting for the other ranks only after success)."""

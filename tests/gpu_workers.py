@@ -234,3 +234,73 @@ def sample_at_end(rank: int, world: int, overrides: list[str], run_dir: str) -> 
     over = [*QUIET, "sample.at_end=true", "sample.steps=2", "sample.per_prompt=1", "train.steps=2", *overrides,
             f"run.dir={run_dir}"]
     Trainer(load_config(TINY, over)).run()
+
+
+# ------------------------------------------------------------------ host reads per step (CPU twin)
+def host_reads(rank: int, world: int, overrides: list[str], run_dir: str, steps: int) -> list[list[str]]:
+    """fit() for `steps` steps (the last one logs, with routing statistics): the operations that
+    would make the host wait for the device (tests/host_sync.py), counted inside each training step."""
+    from ecdit_dist.config import load_config
+    from ecdit_dist.train import Trainer
+    from host_sync import count_host_syncs
+
+    per_step: list[list[str]] = []
+
+    class Counted(Trainer):
+        def train_step(self, step, log=False):
+            with count_host_syncs() as syncs:
+                out = super().train_step(step, log=log)
+            per_step.append(syncs.ops)
+            return out
+
+    over = [*QUIET, "train.global_batch_size=8", f"train.steps={steps}", f"logging.interval={steps}",
+            "optim.grad_clip=1.0", *overrides, f"run.dir={run_dir}"]
+    trainer = Counted(load_config(TINY, over))
+    trainer.run()
+    assert trainer.step == steps
+    return per_step
+
+
+# ------------------------------------------------------------------ sampling through the sharded model
+def sharded_samples(rank: int, world: int, overrides: list[str], run_dir: str) -> dict[str, Any] | None:
+    """Guided and unguided latents of 3 prompts (an odd batch: the sampler pads it) from the
+    sharded model of this layout, every rank taking part, and the trainer's end-of-run grid; on
+    rank 0 also the same from a one-process model holding the same weights."""
+    from pathlib import Path
+
+    from ecdit_dist.config import load_config
+    from ecdit_dist.model import ECDiT
+    from ecdit_dist.parallel.ac import clean_fqn
+    from ecdit_dist.sample import generate, sample_grid
+    from ecdit_dist.train import Trainer
+    from workers import wake_zero_init
+
+    cfg = load_config(TINY, [*QUIET, "sample.steps=2", "sample.per_prompt=1", "sample.use_ema=false", *overrides,
+                             f"run.dir={run_dir}"])
+    trainer = Trainer(cfg)
+    wake_zero_init(trainer.model)            # non-trivial outputs: zero-initialised layers get values
+    g = torch.Generator().manual_seed(11)
+    text = torch.randn(3, cfg.model.text_len, cfg.model.text_dim, generator=g)
+    mask = torch.ones(3, cfg.model.text_len, dtype=torch.bool)
+    mask[1, 3:] = False
+    out: dict[str, Any] = {}
+    for scale in (1.0, 4.0):
+        out[f"sharded/{scale}"] = generate(trainer.model, text, mask, 2, scale, 7, token_split=trainer.dims.tp)
+    grid = Path(run_dir) / "sharded.png"
+    trainer.sample_grid(grid)
+    full = {clean_fqn(n): _full(p) for n, p in trainer.model.named_parameters()}
+    if rank == 0:
+        one = ECDiT(cfg.model, cfg.moe)
+        one.load_state_dict(full)
+        for scale in (1.0, 4.0):
+            out[f"one/{scale}"] = generate(one, text, mask, 2, scale, 7)
+        encoder = trainer.data.text_encoder
+        if encoder is None:
+            from ecdit_dist.data.text import build_text_encoder
+
+            encoder = build_text_encoder(cfg.data.text_encoder, cfg.model.text_dim, cfg.model.text_len, trainer.device)
+        sample_grid(one, encoder, trainer.data.decode, cfg.sample.prompts, 1, 2, cfg.sample.cfg_scale, cfg.seed,
+                    Path(run_dir) / "one.png")
+        out["grids"] = (str(grid), str(Path(run_dir) / "one.png"))
+    trainer.close()
+    return out if rank == 0 else None

@@ -7,7 +7,7 @@ import torch
 from ecdit_dist.config import ConfigError
 from ecdit_dist.device import autocast_dtype, process_group_backend, select_device, to_device
 from ecdit_dist.parallel.local import run_ranks
-from gpu_workers import audit_collectives, audited_run, bf16_run, init_weights
+from gpu_workers import audit_collectives, audited_run, bf16_run, host_reads, init_weights
 
 # bf16 layouts against one bf16 process: loss of each of the first steps, relative. The TP row-parallel
 # projections add bf16 partial products across ranks (one extra bf16 rounding per sub-layer).
@@ -141,3 +141,75 @@ def test_sampling_during_training_uses_the_sharded_model(tmp_path):
     b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
     assert a.shape == b.shape and a.std() > 0
     assert np.abs(a - b).max() <= 1
+
+
+def test_host_sync_counter_sees_what_would_wait_for_a_gpu():
+    """The counter of tests/host_sync.py catches value reads and value-sized outputs, and only those."""
+    from host_sync import count_host_syncs
+
+    x = torch.randn(6)
+    with count_host_syncs() as syncs:
+        y = (x * 2).softmax(0)
+        torch.repeat_interleave(x, torch.full((6,), 2), output_size=12)    # sized by the caller: no wait
+    assert syncs.count == 0, syncs.ops
+    with count_host_syncs() as syncs:
+        float(y.sum()), bool(y.max() > 0), y.tolist(), x[x > 0], torch.nonzero(x), x.int().abs().bincount()
+    assert syncs.count == 6, syncs.ops
+
+
+@pytest.mark.parametrize("world,overrides", [(1, []), pytest.param(2, ["parallel.ep=2"], marks=pytest.mark.slow)],
+                         ids=["1-rank", "ep2"])
+def test_one_host_read_per_expert_choice_step(world, overrides, tmp_path):
+    """Every expert-choice training step (gradient clipping and EMA on, the logging step with its
+    routing statistics included) reads the device once: the step report's tolist()."""
+    if world == 1:       # in this process: no start-up of a spawned rank
+        per_step = [host_reads(0, 1, overrides, str(tmp_path / "run"), 3)]
+    else:
+        per_step = run_ranks(host_reads, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), 3,
+                             timeout=300)
+    for rank, steps in enumerate(per_step):
+        assert steps == [["tolist"]] * 3, f"rank {rank}: {steps}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,overrides", [(2, ["parallel.tp=2"]), (4, ["parallel.tp=2", "parallel.ep=2"])],
+                         ids=["tp2", "tp2-ep2"])
+def test_sampling_with_tensor_parallelism_uses_the_sharded_model(world, overrides, tmp_path):
+    """Every rank samples through the tp-sharded model (no full copy anywhere): guided and unguided
+    latents of an odd batch equal a one-process model's with the same weights and seed (float
+    reduction order only), and so does the trainer's sample grid (1 level of 255)."""
+    import numpy as np
+    from PIL import Image
+
+    from gpu_workers import sharded_samples
+
+    got = run_ranks(sharded_samples, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), timeout=420)[0]
+    for scale in (1.0, 4.0):
+        a, b = got[f"sharded/{scale}"], got[f"one/{scale}"]
+        assert a.shape == b.shape == (3, *a.shape[1:]) and b.std() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in got["grids"])
+    assert a.shape == b.shape and a.std() > 0
+    assert np.abs(a - b).max() <= 1
+
+
+def test_step_report_sums_entries_in_one_read():
+    """One process: entries come back as floats (zero where this rank does not contribute); NaN
+    stays NaN; a name added twice is refused."""
+    import math
+
+    from ecdit_dist.step_report import StepReport
+    from host_sync import count_host_syncs
+
+    report = StepReport(torch.device("cpu"), distributed=False)
+    report.add("flag", 1.0)
+    report.add("loss", torch.tensor(2.5, dtype=torch.float64))
+    report.add("norm", torch.tensor(3.0), contribute=False)
+    report.add("bad", torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="'flag' added twice"):
+        report.add("flag", 0.0)
+    with count_host_syncs() as syncs:
+        got = report.read()
+    assert syncs.ops == ["tolist"]
+    assert {k: v for k, v in got.items() if k != "bad"} == {"flag": 1.0, "loss": 2.5, "norm": 0.0}
+    assert math.isnan(got["bad"])

@@ -108,19 +108,20 @@ def test_sdpa_fused_kernels_with_gqa_and_padding_bias(kernel, masked):
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_no_host_sync_in_the_expert_choice_step(tmp_path):
+def test_one_host_sync_in_the_expert_choice_step(tmp_path):
     """torch.cuda.set_sync_debug_mode counts the synchronising calls of one training step (bf16,
-    clipping on, EMA on, accumulation over 2 micro-batches): none outside logging."""
+    clipping on, EMA on, accumulation over 2 micro-batches): one, the step report's read of the
+    non-finite verdict, preemption flag, loss and gradient norm (ecdit_dist/step_report.py)."""
     n = sync_count(0, 1, ["train.precision=bf16", "train.micro_batch_size=16"], str(tmp_path))
-    assert n == 0, f"{n} host synchronisations in one training step"
+    assert n == 1, f"{n} host synchronisations in one training step"
 
 
 @needs_2
-def test_no_host_sync_in_the_distributed_expert_choice_step(tmp_path):
+def test_one_host_sync_in_the_distributed_expert_choice_step(tmp_path):
     n = min(NGPU, 4)
     counts = run_ranks(sync_count, n, tmp_path / "ranks", ["train.precision=bf16", *_layout(n)],
                        str(tmp_path / "run"), timeout=600)
-    assert counts == [0] * n
+    assert counts == [1] * n
 
 
 def test_weights_on_gpu_equal_cpu_init(tmp_path):
@@ -128,6 +129,38 @@ def test_weights_on_gpu_equal_cpu_init(tmp_path):
     cpu = run_ranks(on_cpu, 1, tmp_path / "cpu", "init_weights", [], str(tmp_path / "b"), timeout=300)[0]
     for name, want in cpu["full"].items():
         assert torch.equal(gpu["meta"][name], want) and torch.equal(gpu["full"][name], want), name
+
+
+def _assert_async_equals_sync(results, root, steps: int) -> None:
+    from ecdit_dist.checkpoint.tensors import DCPSource
+
+    for r in results:
+        assert all(torch.equal(a, b) for a, b in zip(r["sync"]["params"], r["async"]["params"]))
+        assert all(torch.equal(v, r["async"]["ema"][k]) for k, v in r["sync"]["ema"].items())
+    assert results[0]["sync"]["losses"] == results[0]["async"]["losses"] and len(results[0]["sync"]["losses"]) == steps
+    for step in range(2, steps + 1, 2):                   # the files, tensor by tensor
+        a = DCPSource(root / "sync" / "checkpoints" / f"step-{step:08d}")
+        b = DCPSource(root / "async" / "checkpoints" / f"step-{step:08d}")
+        assert a.infos.keys() == b.infos.keys()
+        assert all(torch.equal(a.load(n), b.load(n)) for n in a.infos), step
+
+
+def test_async_save_equals_sync_save_on_one_gpu(tmp_path):
+    """A background checkpoint save (staged from GPU memory while training goes on) writes the
+    same bits, and leaves the same training run, as a synchronous one, after 4 steps."""
+    from workers import async_vs_sync
+
+    _assert_async_equals_sync([async_vs_sync(0, 1, str(tmp_path), [], 4)], tmp_path, 4)
+
+
+@needs_2
+def test_async_save_equals_sync_save_on_nccl(tmp_path):
+    """The same on all GPUs over NCCL (the background save agrees over its own CPU group)."""
+    from workers import async_vs_sync
+
+    n = min(NGPU, 4)
+    results = run_ranks(async_vs_sync, n, tmp_path / "ranks", str(tmp_path), _layout(n), 4, timeout=600)
+    _assert_async_equals_sync(results, tmp_path, 4)
 
 
 @needs_2
