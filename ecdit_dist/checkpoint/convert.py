@@ -320,7 +320,7 @@ def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
 
 
 # ------------------------------------------------------------------------------------ merge
-_BLOCK = 8 << 20          # elements per float64 scratch block of the weighted sum (64 MiB)
+_BLOCK = 1 << 20          # elements per float64 scratch block of the weighted sum (8 MiB)
 
 
 def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None = None,
@@ -336,7 +336,7 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
     weights (first match wins). With one input this re-shards (e.g. joins shards into one file:
     max_shard_size 0), copying bytes file to file. Sums are float64: per staging buffer
     (DEFAULT_BUFFERS of them) one input tensor plus a float64 accumulator of the largest tensor
-    and a 64 MiB scratch block. `verify` applies to training checkpoints as in `export`.
+    and an 8 MiB scratch block. `verify` applies to training checkpoints as in `export`.
     """
     if not inputs:
         raise ConvertError("merge needs at least one input")
