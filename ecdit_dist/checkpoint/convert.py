@@ -231,7 +231,9 @@ def _with_fallback(path: str | Path, verify: str, run: Callable[[str | Path, str
             raise
         from ecdit_dist.inference import resolve_checkpoint
 
-        print(f"warning: {e}; using the newest checkpoint that verifies")
+        import warnings
+
+        warnings.warn(f"{e}; using the newest checkpoint of {path} that verifies", stacklevel=2)
         return run(resolve_checkpoint(path, True), "size")
 
 
@@ -336,7 +338,8 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
     weights (first match wins). With one input this re-shards (e.g. joins shards into one file:
     max_shard_size 0), copying bytes file to file. Sums are float64: per staging buffer
     (DEFAULT_BUFFERS of them) one input tensor plus a float64 accumulator of the largest tensor
-    and an 8 MiB scratch block. `verify` applies to training checkpoints as in `export`.
+    and an 8 MiB scratch block. `verify` applies to training checkpoints as in `export`; a
+    damaged input stops the merge (no fallback: name the step folder to merge another one).
     """
     if not inputs:
         raise ConvertError("merge needs at least one input")
