@@ -151,7 +151,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if op == "export":
         with _bar("export") as bar:
             result = C.export(args.checkpoint, args.out, args.max_shard_size, _dtype(args.dtype), args.ema,
-                              args.dry_run, bar, overwrite=args.overwrite)
+                              args.dry_run, bar, overwrite=args.overwrite, verify=args.verify, workers=args.workers)
     elif op == "import":
         with _bar("import") as bar:
             result = C.import_(args.src, args.run_dir, args.dry_run, bar, group_size=args.group_size)
@@ -159,11 +159,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         tensor_weights = json.loads(Path(args.tensor_weights).read_text()) if args.tensor_weights else None
         with _bar("merge") as bar:
             result = C.merge(args.inputs, args.out, args.weights, tensor_weights, args.max_shard_size,
-                             _dtype(args.dtype), args.ema, args.dry_run, bar, overwrite=args.overwrite)
+                             _dtype(args.dtype), args.ema, args.dry_run, bar, overwrite=args.overwrite,
+                             verify=args.verify, workers=args.workers)
     elif op == "upcycle":
         with _bar("upcycle") as bar:
             result = C.upcycle(args.src, args.out, args.experts, args.noise, args.router_std, args.seed,
-                               args.capacity_factor, args.max_shard_size, args.dry_run, bar, overwrite=args.overwrite)
+                               args.capacity_factor, args.max_shard_size, args.dry_run, bar, overwrite=args.overwrite,
+                               workers=args.workers)
     else:  # deepspeed
         result = C.from_deepspeed(args.checkpoint, args.out, args.config, args.tag, args.max_shard_size, args.dry_run,
                                   overwrite=args.overwrite)
@@ -187,6 +189,17 @@ def _add_convert(sub) -> None:
                            help="replace a non-empty output folder whole (it is refused otherwise)")
         p.set_defaults(func=_cmd_convert)
 
+    def streaming(p, verify: bool = True):
+        p.add_argument("--workers", type=int, default=4,
+                       help="threads reading and writing output shards in parallel (default 4); memory does not "
+                            "grow with it: two staging buffers are shared")
+        if verify:
+            p.add_argument("--verify", choices=["sha256", "size"], default="sha256",
+                           help="check training-checkpoint inputs against their manifest: sha256 of every file, "
+                                "hashed while the conversion runs and required before the output is committed "
+                                "(default; for checkpoints from elsewhere), or sizes only (trusted inputs, e.g. "
+                                "written by this cluster)")
+
     e = ops.add_parser("export", help="training checkpoint -> consolidated safetensors + config.json",
                        description="Stream a training checkpoint (any layout) into consolidated safetensors, "
                                    "one tensor in memory at a time.")
@@ -195,6 +208,7 @@ def _add_convert(sub) -> None:
     e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast floating tensors")
     e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     common(e)
+    streaming(e)
 
     i = ops.add_parser("import", help="consolidated safetensors -> a training checkpoint any layout starts from",
                        description="Write consolidated weights as a step-0 checkpoint in RUN_DIR; `ecdit train` with "
@@ -218,6 +232,7 @@ def _add_convert(sub) -> None:
     m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     m.add_argument("--ema", action="store_true", help="read the EMA weights of training checkpoints")
     common(m)
+    streaming(m)
 
     u = ops.add_parser("upcycle", help="dense checkpoint -> EC-DiT with n experts per MoE layer",
                        description="Each expert of a MoE layer starts as a copy of that layer's dense FFN "
@@ -230,6 +245,7 @@ def _add_convert(sub) -> None:
     u.add_argument("--capacity-factor", type=float, default=None, help="set moe.capacity_factor of the new model")
     u.add_argument("--seed", type=int, default=0)
     common(u)
+    streaming(u, verify=False)
 
     n = ops.add_parser("inspect", help="tensors, shapes, dtypes, totals, checksum verification")
     n.add_argument("path", help="training checkpoint (run or step folder) or consolidated safetensors")

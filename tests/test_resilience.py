@@ -434,13 +434,13 @@ def test_reexport_is_refused_or_replaces_whole_and_a_crash_keeps_the_old_export(
         import os
         import ecdit_dist.checkpoint.tensors as T
         import ecdit_dist.checkpoint.convert as C
-        real, calls = T.DCPSource.load, []
-        def dying(self, name, out=None):
+        real, calls = T.DCPSource.extents, []
+        def dying(self, name):
             calls.append(name)
             if len(calls) == 5:
                 os._exit(9)                      # killed in the middle of writing the new export
-            return real(self, name, out)
-        T.DCPSource.load = dying
+            return real(self, name)
+        T.DCPSource.extents = dying              # asked once per tensor as it is written
         C.export({str(small_run)!r}, {str(out)!r}, max_shard_size="0", overwrite=True)
     """)
     died = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=300)

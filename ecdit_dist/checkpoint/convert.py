@@ -9,20 +9,27 @@ non-empty output folder is refused unless `overwrite`, which replaces it whole.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
 import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from ecdit_dist.checkpoint.manager import _fsync_dir, read_meta, verify_checkpoint
+from ecdit_dist.checkpoint.errors import CheckpointError
+from ecdit_dist.checkpoint.manager import (
+    CheckpointManager, _fsync_dir, _safe_member, read_meta, sha256_file, verify_checkpoint,
+)
+from ecdit_dist.checkpoint.streaming import DEFAULT_WORKERS, Staging, write_shards
 from ecdit_dist.checkpoint.tensors import (
-    ConvertError, DCPSource, SafetensorsSource, StagingBuffer, TensorInfo, check_keys, expected_tensors,
-    open_source, parse_size, total_bytes, write_safetensors,
+    ConvertError, DCPSource, SafetensorsSource, TensorInfo, check_keys, expected_tensors, open_source, parse_size,
+    total_bytes, write_safetensors,
 )
 
 CONFIG_JSON = "config.json"
@@ -82,15 +89,43 @@ def check_out(out: str | Path, overwrite: bool) -> None:
                            f"replace it whole")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging (and half-replaced) folders of `out` left by processes of this host that
+    are no longer running (a killed conversion); a live conversion's folder is left alone."""
+    removed = []
+    host = socket.gethostname()
+    for kind in ("staging", "old"):
+        for p in out.parent.glob(f".{out.name}.{kind}-*"):
+            owner = p.name[len(f".{out.name}.{kind}-"):]
+            h, _, pid = owner.rpartition("-")
+            if h == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
 @contextmanager
 def staged_output(out: str | Path, overwrite: bool = False):
     """Yield a staging folder beside `out`; when the body completes it becomes `out` by a rename
     (an existing `out` is replaced whole, never file by file). A crash or an error leaves `out` as
-    it was; the staging folder is removed on errors and ignored by readers (its name starts with '.')."""
+    it was; the staging folder is removed on errors and ignored by readers (its name starts with
+    '.'); the staging folders of killed conversions of the same `out` on this host are removed."""
     out = Path(out)
     check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    clean_stale_staging(out)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    stage = out.parent / f".{out.name}.staging-{owner}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
@@ -99,7 +134,7 @@ def staged_output(out: str | Path, overwrite: bool = False):
         shutil.rmtree(stage, ignore_errors=True)
         raise
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{owner}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
         os.replace(stage, out)
@@ -118,30 +153,145 @@ def _out_infos(infos: dict[str, TensorInfo], dtype: torch.dtype | None) -> dict[
             for k, v in infos.items()}
 
 
+# ------------------------------------------------------------------------------------ verification
+VERIFY_MODES = ("sha256", "size")
+
+
+class DamagedInput(CheckpointError):
+    """An input file does not match its manifest."""
+
+
+class _Verifier:
+    """Checks a checkpoint folder against its manifest: sizes at once; with "sha256" the digests in
+    background threads while the conversion reads, joined by `wait()` before the output is committed
+    (so a damaged input never yields an output, and hashing overlaps the copy)."""
+
+    def __init__(self, folder: Path, mode: str, threads: int = 2) -> None:
+        if mode not in VERIFY_MODES:
+            raise ConvertError(f"--verify {mode!r}: choose one of {', '.join(VERIFY_MODES)}")
+        self.folder = folder
+        manifest = verify_checkpoint(folder, full=False)         # sizes and presence, now
+        self.pool = None
+        self.futures = []
+        if mode == "sha256" and manifest["files"]:
+            entries = sorted(manifest["files"].items(), key=lambda kv: -int(kv[1].get("size") or 0))
+            self.pool = ThreadPoolExecutor(max(1, min(threads, len(entries))), thread_name_prefix="verify")
+            self.futures = [self.pool.submit(self._check, name, entry) for name, entry in entries]
+
+    def _check(self, name: str, entry: dict) -> None:
+        if sha256_file(_safe_member(self.folder, name)) != entry.get("sha256"):
+            raise DamagedInput(f"{self.folder}: {name} does not match its sha256 in the manifest")
+
+    def wait(self) -> None:
+        try:
+            for f in self.futures:
+                f.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def _training_folder(path: Path) -> tuple[Path, bool] | None:
+    """(step folder, given as a run folder) for a training checkpoint, checked by size; None when
+    `path` is not one."""
+    if (path / "manifest.json").exists() or (path / ".metadata").exists():
+        return path, False
+    if (path / "checkpoints").is_dir():
+        found = CheckpointManager(path).latest_valid(full_verify=False)
+        if found is None:
+            raise CheckpointError(f"no valid checkpoint under {path} (expected {path}/checkpoints/step-*/)")
+        return found, True
+    return None
+
+
+def _open_training(path: str | Path, ema: bool, verify: str, threads: int) -> tuple[DCPSource, _Verifier]:
+    found = _training_folder(Path(path))
+    if found is None:
+        raise ConvertError(f"{path} is not a training checkpoint (no .metadata / checkpoints/)")
+    verifier = _Verifier(found[0], verify, threads)
+    try:
+        return DCPSource(found[0], "ema" if ema else "model", verify=False), verifier
+    except BaseException:
+        verifier.close()
+        raise
+
+
+def _with_fallback(path: str | Path, verify: str, run: Callable[[str | Path, str], dict]) -> dict:
+    """Run a conversion of `path`; when `path` is a run folder whose newest checkpoint turns out
+    damaged (sha256), run it again on the newest one that verifies in full, as resuming would."""
+    try:
+        return run(path, verify)
+    except DamagedInput as e:
+        found = _training_folder(Path(path))
+        if found is None or not found[1]:
+            raise
+        from ecdit_dist.inference import resolve_checkpoint
+
+        import warnings
+
+        warnings.warn(f"{e}; using the newest checkpoint of {path} that verifies", stacklevel=2)
+        return run(resolve_checkpoint(path, True), "size")
+
+
 # ------------------------------------------------------------------------------------ export
 def export(checkpoint: str | Path, out: str | Path, max_shard_size: str = "5GB", dtype: torch.dtype | None = None,
            ema: bool = False, dry_run: bool = False, progress: Progress | None = None,
-           overwrite: bool = False) -> dict[str, Any]:
-    """Training checkpoint -> consolidated safetensors + config.json, one tensor in memory at a time."""
+           overwrite: bool = False, verify: str = "sha256", workers: int = DEFAULT_WORKERS,
+           on_shard: Callable[[Path, Any], Any] | None = None) -> dict[str, Any]:
+    """Training checkpoint -> consolidated safetensors + config.json, streamed.
+
+    The tensors' bytes are read straight from the `.distcp` files (dcp_raw.py): tensors whose
+    bytes need no conversion (no --dtype cast, every chunk a block of whole rows) are copied file
+    to file by `copy_file_range`; others are assembled and cast in `DEFAULT_BUFFERS` reused staging
+    buffers. `workers` threads write the shards in parallel at their offsets. Peak memory: at
+    most DEFAULT_BUFFERS x (largest tensor + its cast) plus the chunk being placed, whatever the
+    model size. `verify`: "sha256" (default, for inputs from elsewhere) hashes every file of the
+    checkpoint against its manifest while the export runs, and nothing is committed unless all
+    match; "size" (trusted inputs, e.g. a checkpoint this cluster wrote) checks sizes only.
+    `on_shard(path, shard)` is called for each finished shard file in order (see streaming.py).
+    """
     check_out(out, overwrite)
-    src = open_source(checkpoint, ema=ema)
-    if not isinstance(src, DCPSource):
-        raise ConvertError(f"{checkpoint} is not a training checkpoint (no .metadata / checkpoints/)")
-    config = source_config(Path(checkpoint), src)
-    check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
-    infos = _out_infos(src.infos, dtype)
-    plan = {"source": src.describe(), "tensors": len(infos), "bytes": total_bytes(infos.values()),
-            "max_shard_bytes": parse_size(max_shard_size), "out": str(out)}
-    if dry_run:
-        return plan
-    staging = StagingBuffer(max(i.nbytes for i in src.infos.values()))
-    with staged_output(out, overwrite) as stage:
-        shards = write_safetensors(stage, infos, lambda n: _cast(src.load(n, staging.view(src.infos[n])), dtype),
-                                   plan["max_shard_bytes"], {"format": "pt", "source": FORMAT},
-                                   _ticker(progress, plan["bytes"]))
-        _write_config(stage, config, {"weights": "ema" if ema else "model",
-                                      "step": read_meta(src.folder).get("step")})
-    return {**plan, "files": [s.file for s in shards]}
+
+    def run(path, mode):
+        return _export(path, out, max_shard_size, dtype, ema, dry_run, progress, overwrite, mode, workers, on_shard)
+
+    return _with_fallback(checkpoint, verify, run)
+
+
+def _export(checkpoint, out, max_shard_size, dtype, ema, dry_run, progress, overwrite, verify, workers, on_shard):
+    src, verifier = _open_training(checkpoint, ema, verify if not dry_run else "size", workers)
+    try:
+        config = source_config(Path(checkpoint), src)
+        check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
+        infos = _out_infos(src.infos, dtype)
+        plan = {"source": src.describe(), "tensors": len(infos), "bytes": total_bytes(infos.values()),
+                "max_shard_bytes": parse_size(max_shard_size), "out": str(out), "verify": verify}
+        if dry_run:
+            return plan
+
+        def read(name: str, staging: Staging) -> torch.Tensor:
+            t = src.read_into(name, staging.buffer("in", src.infos[name]))
+            if infos[name].dtype == t.dtype:
+                return t
+            return staging.buffer("out", infos[name]).copy_(t)
+
+        def extents(name: str):
+            return src.extents(name) if infos[name].dtype == src.infos[name].dtype else None
+
+        with staged_output(out, overwrite) as stage:
+            shards = write_shards(stage, infos, read, plan["max_shard_bytes"], {"format": "pt", "source": FORMAT},
+                                  _ticker(progress, plan["bytes"]), extents=extents, workers=workers,
+                                  on_shard=on_shard)
+            _write_config(stage, config, {"weights": "ema" if ema else "model",
+                                          "step": read_meta(src.folder).get("step")})
+            verifier.wait()
+        return {**plan, "files": [s.file for s in shards]}
+    finally:
+        verifier.close()
 
 
 # ------------------------------------------------------------------------------------ import
@@ -172,19 +322,47 @@ def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
 
 
 # ------------------------------------------------------------------------------------ merge
+_BLOCK = 1 << 20          # elements per float64 scratch block of the weighted sum (8 MiB)
+
+
 def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None = None,
           tensor_weights: dict[str, list[float]] | None = None, max_shard_size: str = "5GB",
           dtype: torch.dtype | None = None, ema: bool = False, dry_run: bool = False,
-          progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Weighted average of checkpoints (default: equal weights), tensor by tensor.
+          progress: Progress | None = None, overwrite: bool = False, verify: str = "sha256",
+          workers: int = DEFAULT_WORKERS, on_shard: Callable[[Path, Any], Any] | None = None) -> dict[str, Any]:
+    """Weighted average of checkpoints (default: equal weights), streamed tensor by tensor.
 
-    `tensor_weights` maps glob patterns of tensor names to per-input weights (first match
-    wins). With one input this re-shards (e.g. joins shards into one file: max_shard_size 0).
+    Inputs are training checkpoints (DCP, saved on any number of ranks and any layout: every
+    tensor is assembled from its chunks in memory, nothing is consolidated on disk first) or
+    consolidated safetensors. `tensor_weights` maps glob patterns of tensor names to per-input
+    weights (first match wins). With one input this re-shards (e.g. joins shards into one file:
+    max_shard_size 0), copying bytes file to file. Sums are float64: per staging buffer
+    (DEFAULT_BUFFERS of them) one input tensor plus a float64 accumulator of the largest tensor
+    and an 8 MiB scratch block. `verify` applies to training checkpoints as in `export`; a
+    damaged input stops the merge (no fallback: name the step folder to merge another one).
     """
     if not inputs:
         raise ConvertError("merge needs at least one input")
     check_out(out, overwrite)
-    sources = [open_source(p, ema=ema) for p in inputs]
+    verifiers: list[_Verifier] = []
+    try:
+        sources = []
+        for p in inputs:
+            if _training_folder(Path(p)) is not None:
+                src, v = _open_training(p, ema, verify if not dry_run else "size", 2)
+                verifiers.append(v)
+                sources.append(src)
+            else:
+                sources.append(open_source(p, ema=ema))
+        return _merge(inputs, sources, verifiers, out, weights, tensor_weights, max_shard_size, dtype, dry_run,
+                      progress, overwrite, workers, on_shard)
+    finally:
+        for v in verifiers:
+            v.close()
+
+
+def _merge(inputs, sources, verifiers, out, weights, tensor_weights, max_shard_size, dtype, dry_run, progress,
+           overwrite, workers, on_shard):
     configs = [source_config(Path(p), s) for p, s in zip(inputs, sources)]
     for p, c in zip(inputs[1:], configs[1:]):
         if c != configs[0]:
@@ -212,39 +390,65 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
     if dry_run:
         return plan
 
-    def produce(name: str) -> torch.Tensor:
+    def read(name: str, st: Staging) -> torch.Tensor:
         ws = weights_for(name)
-        first = sources[0].load(name)
-        if not first.is_floating_point():
+        info = sources[0].infos[name]
+        if not info.dtype.is_floating_point:
+            first = sources[0].read_into(name, st.buffer("acc", info))
             for s in sources[1:]:
-                if not torch.equal(s.load(name), first):
+                if not torch.equal(s.read_into(name, st.buffer("in", s.infos[name])), first):
                     raise ConvertError(f"{name} is not floating point and differs between inputs")
             return first
         if n == 1 and ws[0] == 1.0:
-            return _cast(first, dtype)
-        acc = first.double() * ws[0]
-        for s, w in zip(sources[1:], ws[1:]):
-            acc += s.load(name).double() * w
-        return acc.to(dtype or first.dtype)
+            t = sources[0].read_into(name, st.buffer("in", info))
+            return t if infos[name].dtype == t.dtype else st.buffer("out", infos[name]).copy_(t)
+        acc = st.buffer("acc", TensorInfo(info.shape, torch.float64)).view(-1)
+        for i, (s, w) in enumerate(zip(sources, ws)):
+            x = s.read_into(name, st.buffer("in", s.infos[name])).view(-1)
+            for lo in range(0, x.numel(), _BLOCK):              # acc += float64(x) * w, block by block
+                hi = min(lo + _BLOCK, x.numel())
+                if i == 0:
+                    acc[lo:hi].copy_(x[lo:hi]).mul_(w)
+                else:
+                    tmp = st.buffer("tmp", TensorInfo((hi - lo,), torch.float64))
+                    acc[lo:hi].add_(tmp.copy_(x[lo:hi]).mul_(w))
+        target = infos[name].dtype if dtype is not None else info.dtype
+        return st.buffer("in", TensorInfo(info.shape, target)).copy_(acc.view(info.shape))
+
+    def extents(name: str):
+        if n != 1 or weights_for(name)[0] != 1.0 or infos[name].dtype != sources[0].infos[name].dtype:
+            return None
+        return sources[0].extents(name)
 
     with staged_output(out, overwrite) as stage:
-        shards = write_safetensors(stage, infos, produce, parse_size(max_shard_size),
-                                   {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
+        shards = write_shards(stage, infos, read, parse_size(max_shard_size), {"format": "pt", "source": FORMAT},
+                              _ticker(progress, plan["bytes"]), extents=extents, workers=workers, on_shard=on_shard)
         _write_config(stage, configs[0], {"merged_from": [str(p) for p in inputs], "merge_weights": weights})
+        for v in verifiers:
+            v.wait()
     return {**plan, "files": [s.file for s in shards]}
 
 
 # ------------------------------------------------------------------------------------ upcycle
+def _seed_for(seed: int, name: str) -> int:
+    """A generator seed of its own per output tensor, so the result does not depend on the order
+    (or the thread) in which tensors are produced."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
 def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: float = 0.0, router_std: float = 0.02,
             seed: int = 0, capacity_factor: float | None = None, max_shard_size: str = "5GB",
-            dry_run: bool = False, progress: Progress | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Dense checkpoint -> EC-DiT with `num_experts` experts per MoE layer.
+            dry_run: bool = False, progress: Progress | None = None, overwrite: bool = False,
+            workers: int = DEFAULT_WORKERS, on_shard: Callable[[Path, Any], Any] | None = None) -> dict[str, Any]:
+    """Dense checkpoint -> EC-DiT with `num_experts` experts per MoE layer, streamed tensor by tensor.
 
     Every expert of a MoE layer starts as a copy of that layer's dense FFN (w1 (d_ff, d) ->
     experts.w1[e] (d, d_ff), w2 (d, d_ff) -> experts.w2[e] (d_ff, d)), optionally plus Gaussian
-    noise of `noise` x the weight's standard deviation; the router starts at N(0, router_std).
-    With zero noise an upcycled layer returns, for each token, (sum of its gates) x the dense
-    FFN output.
+    noise of `noise` x the weight's standard deviation (drawn expert by expert); the router
+    starts at N(0, router_std). Random draws come from a generator per output tensor seeded by
+    (seed, name). With zero noise an upcycled layer returns, for each token, (sum of its gates) x
+    the dense FFN output. Memory per staging buffer: one stacked expert tensor (the largest output)
+    plus the dense weight and one expert's noise. Tensors copied unchanged go file to file.
     """
     if num_experts < 1:
         raise ConvertError("--experts must be >= 1")
@@ -282,24 +486,30 @@ def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: floa
             "bytes": total_bytes(infos.values()), "out": str(out)}
     if dry_run:
         return plan
-    gen = torch.Generator().manual_seed(seed)
 
-    def produce(name: str) -> torch.Tensor:
+    def read(name: str, st: Staging) -> torch.Tensor:
         kind, s = recipe[name]
         if kind == "copy":
-            return src.load(s)
+            return src.read_into(s, st.buffer("in", src.infos[s]))
+        gen = torch.Generator().manual_seed(_seed_for(seed, name))
         if kind == "router":
-            return torch.randn(expected[name], generator=gen) * router_std
-        dense = src.load(s).t()                                   # (d, d_ff) or (d_ff, d)
-        w = dense.unsqueeze(0).repeat(num_experts, 1, 1)          # (E, ., .)
-        if noise > 0:
-            std = dense.float().std()
-            w = w + (torch.randn(w.shape, generator=gen) * noise * std).to(w.dtype)
-        return w.contiguous()
+            return st.buffer("out", infos[name]).copy_(torch.randn(expected[name], generator=gen) * router_std)
+        dense = src.read_into(s, st.buffer("in", src.infos[s])).t()      # (d, d_ff) or (d_ff, d)
+        w = st.buffer("out", infos[name])                                 # (E, ., .)
+        std = dense.float().std() if noise > 0 else None
+        for e in range(num_experts):
+            w[e].copy_(dense)
+            if noise > 0:
+                w[e].add_((torch.randn(dense.shape, generator=gen) * noise * std).to(w.dtype))
+        return w
+
+    def extents(name: str):
+        kind, s = recipe[name]
+        return src.extents(s) if kind == "copy" else None
 
     with staged_output(out, overwrite) as stage:
-        shards = write_safetensors(stage, infos, produce, parse_size(max_shard_size),
-                                   {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
+        shards = write_shards(stage, infos, read, parse_size(max_shard_size), {"format": "pt", "source": FORMAT},
+                              _ticker(progress, plan["bytes"]), extents=extents, workers=workers, on_shard=on_shard)
         _write_config(stage, new_config, {"upcycled_from": str(src_path), "upcycle_noise": noise})
     return {**plan, "files": [s.file for s in shards]}
 

@@ -65,13 +65,31 @@ class DCPSource:
             have = sorted({k.split(".")[0] for k in md})
             raise ConvertError(f"{self.folder} holds no '{prefix}' tensors (it has: {', '.join(have)})")
 
+        self._raw = None
+
+    @property
+    def raw(self):
+        if self._raw is None:
+            from ecdit_dist.checkpoint.dcp_raw import RawDCP
+
+            self._raw = RawDCP(self.folder, self.prefix)
+        return self._raw
+
     def load(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor; into `out` (same shape and dtype) when given, e.g. a reused staging buffer."""
         info = self.infos[name]
         target = out if out is not None else torch.empty(info.shape, dtype=info.dtype)
-        state = {f"{self.prefix}.{name}": target}
-        safe_load.load(state, self.folder)
-        return state[f"{self.prefix}.{name}"]
+        return self.raw.read_into(name, target)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        return self.load(name, out)
+
+    def extents(self, name: str):
+        """Where the tensor's bytes lie in the `.distcp` files (see dcp_raw.RawDCP.extents)."""
+        return self.raw.extents(name)
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        return _range_of(self, name, start, length)
 
     def describe(self) -> str:
         return f"{self.folder} ({self.prefix})"
@@ -117,12 +135,60 @@ class SafetensorsSource:
             if missing:
                 raise ConvertError(f"{index} lists tensors no shard holds: {', '.join(missing[:5])}")
 
+        self._offsets: dict[str, int] = {}
+
     def load(self, name: str) -> torch.Tensor:
-        with self._open(str(self.file_of[name]), framework="pt") as st:
-            return st.get_tensor(name)
+        info = self.infos[name]
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+
+    def _offset(self, name: str) -> int:
+        """Absolute offset of the tensor's bytes in its file (from the safetensors header)."""
+        if name not in self._offsets:
+            f = self.file_of[name]
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k != "__metadata__" and self.file_of.get(k) == f:
+                    self._offsets[k] = 8 + n + int(v["data_offsets"][0])
+        return self._offsets[name]
+
+    def extents(self, name: str):
+        from ecdit_dist.checkpoint.dcp_raw import Extent
+
+        return [Extent(self.file_of[name], self._offset(name), self.infos[name].nbytes, 0)]
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        from ecdit_dist.checkpoint.dcp_raw import _pread_into
+
+        info = self.infos[name]
+        if tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"{name}: buffer {tuple(out.shape)} {out.dtype} for {info.shape} {info.dtype}")
+        if info.nbytes:
+            _pread_into(self.file_of[name], out.view(-1).view(torch.uint8), self._offset(name))
+        return out
+
+    def read_range(self, name: str, start: int, length: int) -> bytes:
+        return _range_of(self, name, start, length)
 
     def describe(self) -> str:
         return str(self.path)
+
+
+def _range_of(src, name: str, start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of a tensor's row-major bytes, read from its file extents."""
+    out = bytearray()
+    for e in src.extents(name) or []:
+        lo, hi = max(start, e.dest), min(start + length, e.dest + e.length)
+        if lo < hi:
+            with open(e.path, "rb") as f:
+                f.seek(e.offset + lo - e.dest)
+                out += f.read(hi - lo)
+    if len(out) != length:      # not plain bytes on disk: read the tensor and cut the range out
+        info = src.infos[name]
+        t = src.read_into(name, torch.empty(info.shape, dtype=info.dtype))
+        return bytes(t.view(-1).view(torch.uint8)[start: start + length].numpy())
+    return bytes(out)
 
 
 def safetensors_files(path: Path) -> list[Path]:
