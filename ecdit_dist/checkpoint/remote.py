@@ -59,12 +59,21 @@ from ecdit_dist.data.storage import DataError, S3Storage, is_s3, split_s3
 CONFIG_JSON = "config.json"
 MANIFEST = "manifest.json"
 META = "meta.json"
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20      # one ranged GET
+READ_WORKERS = 8            # ranged GETs in flight for one large tensor
 HEADER_PROBE = 1 << 20
 MAX_HEADER = 100 << 20
 
 __all__ = ["is_s3", "S3SafetensorsSource", "S3DCPSource", "S3Output", "open_source", "open_safetensors",
            "check_out", "staged_upload", "paced", "inspect", "import_to_s3", "local_copy"]
+
+
+_OPEN: "weakref.WeakSet[Any]" = weakref.WeakSet()     # the S3 sources of this process, to refuse writing over one
+
+
+def _overlaps(a: str, b: str) -> bool:
+    a, b = a.rstrip("/") + "/", b.rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def _storage() -> S3Storage:
@@ -93,17 +102,16 @@ def _check_name(where: str, name: str) -> str:
     return name
 
 
-def read_into(s3: S3Storage, url: str, start: int, dest: memoryview, chunk_bytes: int = CHUNK_BYTES) -> None:
+def read_into(s3: S3Storage, url: str, start: int, dest: memoryview, chunk_bytes: int = CHUNK_BYTES,
+              workers: int = READ_WORKERS) -> None:
     """Bytes [start, start + len(dest)) of an object into `dest`, in ranged GETs of at most
-    `chunk_bytes` (each retried whole on a transient error); nothing else is kept."""
+    `chunk_bytes`, up to `workers` at a time, each written straight into its part of `dest`
+    (nothing else is kept) and retried whole on a transient error."""
     bucket, key = split_s3(url)
-    done = 0
-    while done < len(dest):
-        n = min(chunk_bytes, len(dest) - done)
-        lo = start + done
-        part = dest[done: done + n]
 
-        def get(lo=lo, part=part, n=n):
+    def get(lo: int, part: memoryview) -> None:
+        def once() -> None:
+            n = len(part)
             body = s3.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={lo}-{lo + n - 1}")["Body"]
             got = 0
             for piece in body.iter_chunks(1 << 20):
@@ -114,8 +122,18 @@ def read_into(s3: S3Storage, url: str, start: int, dest: memoryview, chunk_bytes
             if got != n:
                 raise DataError(f"{url}: short read {got} of {n} bytes at offset {lo}")
 
-        s3._call(url, get)
-        done += n
+        s3._call(url, once)
+
+    parts = [(start + o, dest[o: o + chunk_bytes]) for o in range(0, len(dest), chunk_bytes)]
+    if len(parts) <= 1 or workers <= 1:
+        for lo, part in parts:
+            get(lo, part)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(workers, len(parts)), thread_name_prefix="s3-read") as pool:
+        for f in [pool.submit(get, lo, part) for lo, part in parts]:
+            f.result()
 
 
 def sha256_remote(s3: S3Storage, url: str, size: int, chunk_bytes: int = 8 << 20) -> str:
@@ -156,6 +174,7 @@ class S3SafetensorsSource:
         missing = sorted(set(getattr(self, "_weight_map", {})) - set(self.infos))
         if missing:
             raise ConvertError(f"{_url(self.url, INDEX)} lists tensors no shard holds: {', '.join(missing[:5])}")
+        _OPEN.add(self)
 
     def _read_config(self) -> dict[str, Any]:
         url = _url(self.folder_url, CONFIG_JSON)
@@ -246,7 +265,9 @@ class _RangeFile(io.RawIOBase):
         super().__init__()
         self.s3, self.url, self.length = s3, url, size
         self.read_ahead, self.chunk_bytes = read_ahead, chunk_bytes
-        self.pos, self.buf_start, self.buf = 0, 0, b""
+        self.pos = 0
+        self.blocks: list[tuple[int, bytes]] = []      # a few recent read-ahead blocks (an item's head and tail)
+        self.window = (0, size)       # the DCP item being read: read-ahead stays inside it
 
     def readable(self) -> bool:
         return True
@@ -267,14 +288,18 @@ class _RangeFile(io.RawIOBase):
         if n == 0:
             return 0
         lo, hi = self.pos, self.pos + n
-        if self.buf_start <= lo and hi <= self.buf_start + len(self.buf):
-            view[:n] = self.buf[lo - self.buf_start: hi - self.buf_start]
+        block = next(((b0, data) for b0, data in self.blocks if b0 <= lo and hi <= b0 + len(data)), None)
+        if block is not None:
+            view[:n] = block[1][lo - block[0]: hi - block[0]]
         elif n >= self.read_ahead:
             read_into(self.s3, self.url, lo, view[:n], self.chunk_bytes)
-        else:
-            end = min(self.length, lo + self.read_ahead)
-            self.buf, self.buf_start = self.s3.read_range(self.url, lo, end), lo
-            view[:n] = self.buf[:n]
+        else:       # a small read (zip headers of a DCP item): fetch a block around it, inside the item
+            w_lo, w_hi = self.window if self.window[0] <= lo and hi <= self.window[1] else (0, self.length)
+            end = min(w_hi, lo + self.read_ahead)
+            begin = max(w_lo, min(lo, end - self.read_ahead))
+            data = self.s3.read_range(self.url, begin, end)
+            self.blocks = [*self.blocks[-3:], (begin, data)]
+            view[:n] = data[lo - begin: hi - begin]
         self.pos = hi
         return n
 
@@ -320,6 +345,10 @@ def _s3_reader(url: str, s3: S3Storage, sizes: dict[str, int], metadata):
             self.fs = _S3FileSystem(s3, sizes)
             self.path = url
 
+        def _slice_file(self, file, sinfo):
+            file.window = (sinfo.offset, sinfo.offset + sinfo.length)
+            return super()._slice_file(file, sinfo)
+
         def read_metadata(self, *args: Any, **kwargs: Any):
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
@@ -360,6 +389,7 @@ class S3DCPSource(DCPSource):
         if verify:
             self.verify()
         super().__init__(local, prefix, verify=False)
+        _OPEN.add(self)
 
     def _fetch_small_files(self, local: Path) -> dict[str, Any]:
         murl = _url(self.url, MANIFEST)
@@ -577,6 +607,10 @@ class S3Output:
             raise self.error
 
     def __enter__(self) -> Path:
+        for src in list(_OPEN):
+            if _overlaps(getattr(src, "folder_url", src.url), self.url):
+                raise ConvertError(f"{self.url} is also an input ({src.url}); an S3 output cannot replace its own "
+                                   f"input, write it to another prefix")
         check_out(self.url, self.overwrite)
         if self.overwrite:
             _clear(self.s3, self.url)
