@@ -28,9 +28,14 @@ BUCKET = "ckpts"
 SMALL = ["model.num_layers=2"]          # 2 blocks (one MoE): few tensors, few requests
 
 
-def cli(*args, env=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "ecdit_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`ecdit ARGS` in this process (errors are printed and returned as exit status 2, as from a shell)."""
+    from ecdit_dist.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
 
 
 def upload_folder(s3, folder: Path, url: str) -> None:
@@ -159,11 +164,11 @@ def test_merge_and_upcycle_from_and_to_s3_equal_local(s3, trained, tmp_path):
     assert json.loads(s3.read_bytes(f"s3://{BUCKET}/t2/up/config.json"))["moe"]["num_experts"] == 4
 
 
-def test_inspect_verifies_s3_checkpoints(s3, trained):
+def test_inspect_verifies_s3_checkpoints(s3, trained, capsys):
     run, state, exported = trained
-    done = cli("convert", "inspect", f"s3://{BUCKET}/run", "--json")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    rc, out, err = run_cli(capsys, "convert", "inspect", f"s3://{BUCKET}/run", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
     assert report["kind"] == "training" and report["step"] == 2 and report["verified_files"] == 3
     assert report["tensors"].keys() == state.keys()
     upload_folder(s3, exported, f"s3://{BUCKET}/t3/exp")
@@ -199,7 +204,7 @@ KILL_AFTER_TWO_UPLOADS = textwrap.dedent("""
 """)
 
 
-def test_failed_or_killed_upload_leaves_nothing_readable(s3, trained, monkeypatch):
+def test_failed_or_killed_upload_leaves_nothing_readable(s3, trained, monkeypatch, capsys):
     run, state, exported = trained
     put_file, calls = S3Storage.put_file, []
 
@@ -223,22 +228,26 @@ def test_failed_or_killed_upload_leaves_nothing_readable(s3, trained, monkeypatc
     assert done.returncode == -9, done.stderr
     left = keys(s3, killed)
     assert left and "config.json" not in left                            # shards, never the commit marker
-    again = cli("convert", "export", "--checkpoint", run, "--out", killed)
-    assert again.returncode == 2 and "not empty" in again.stderr and "config.json" in again.stderr
-    assert "--overwrite" in again.stderr
+    rc, _, err = run_cli(capsys, "convert", "export", "--checkpoint", run, "--out", killed)
+    assert rc == 2 and "not empty" in err and "config.json" in err and "--overwrite" in err
     with pytest.raises(ConvertError, match="config.json not found"):
         C.merge([killed], f"s3://{BUCKET}/t4/never")
     C.export(run, killed, max_shard_size="64KB", overwrite=True)
     assert remote_bytes(s3, killed) == folder_bytes(exported)            # old leftovers gone, new output whole
 
 
-def test_bad_bucket_or_credentials_are_clear_errors(s3, trained):
+def test_bad_bucket_or_credentials_are_clear_errors(s3, trained, monkeypatch, capsys):
     run, _, _ = trained
-    done = cli("convert", "export", "--checkpoint", run, "--out", "s3://no-such-bucket/x")
-    assert done.returncode == 2 and "no-such-bucket" in done.stderr and "not found" in done.stderr, done.stderr
+    rc, _, err = run_cli(capsys, "convert", "export", "--checkpoint", run, "--out", "s3://no-such-bucket/x")
+    assert rc == 2 and "s3://no-such-bucket/x" in err and "bucket not found" in err, err
     wrong = "wrong-secret-5f2a9c"
-    done = cli("convert", "inspect", f"s3://{BUCKET}/run", env={"AWS_SECRET_ACCESS_KEY": wrong})
-    assert done.returncode == 2 and "access denied" in done.stderr and "credentials" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
-    for secret in (wrong, SECRET_KEY):
-        assert secret not in done.stdout + done.stderr
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)                  # a fresh session reads the new secret
+    for args in (["inspect", f"s3://{BUCKET}/run"], ["merge", f"s3://{BUCKET}/run", "--out", f"s3://{BUCKET}/t5"]):
+        rc, out, err = run_cli(capsys, "convert", *args)
+        assert rc == 2 and "access denied" in err and "credentials" in err, err
+        assert len(err.strip().splitlines()) == 1                        # one line, no traceback
+        for secret in (wrong, SECRET_KEY):
+            assert secret not in out + err
