@@ -176,6 +176,9 @@ def test_inspect_verifies_s3_checkpoints(s3, trained, capsys):
     assert report["kind"] == "safetensors" and report["matches_config"] is True
 
     step = run / "checkpoints" / "step-00000002"
+    with remote.local_copy(f"s3://{BUCKET}/run/checkpoints") as copy:       # what `convert deepspeed` reads
+        assert {p.name: p.read_bytes() for p in (copy / step.name).iterdir()} == \
+            {p.name: p.read_bytes() for p in step.iterdir()}
     bad = f"s3://{BUCKET}/t3/bad"
     upload_folder(s3, step, bad)
     data = bytearray((step / "__0_0.distcp").read_bytes())

@@ -723,14 +723,15 @@ def local_copy(url: str):
     """A whole S3 folder downloaded into a temporary local folder (for readers that need files,
     e.g. DeepSpeed's, which load the whole model anyway)."""
     s3 = _storage()
-    root = url.rstrip("/")
-    objects = s3.list(root + "/")
-    if not objects:
+    bucket, prefix = split_s3(url.rstrip("/") + "/")
+    names = [k[len(prefix):] for k in _keys(s3, url)]
+    if not names:
         raise ConvertError(f"{url} holds no objects")
     with tempfile.TemporaryDirectory(prefix="ecdit-s3-in-") as tmp:
-        for o in objects:
-            rel = _check_name(url, o.path[len(root) + 1:])
+        for rel in names:
+            if not rel or rel.startswith("/") or "\\" in rel or ".." in rel.split("/"):
+                raise CheckpointError(f"{url} holds an object outside a plain folder layout: {rel!r}")
             target = Path(tmp) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            s3.get_file(o.path, target)
+            s3.get_file(f"s3://{bucket}/{prefix}{rel}", target)
         yield Path(tmp)
