@@ -187,7 +187,8 @@ def _add_convert(sub) -> None:
             p.add_argument("--max-shard-size", default="5GB", help="split output files at this size (e.g. 2GB; 0 = one file)")
         if writes and replaces:
             p.add_argument("--overwrite", action="store_true",
-                           help="replace a non-empty output folder whole (it is refused otherwise)")
+                           help="replace a non-empty output folder whole (it is refused otherwise); on S3 "
+                                "the old output is deleted before the new one is written")
         p.set_defaults(func=_cmd_convert)
 
     e = ops.add_parser("export", help="training checkpoint -> consolidated safetensors + config.json",

@@ -25,6 +25,7 @@ from workers import QUIET, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "ckpts"
+pytestmark = pytest.mark.slow
 SMALL = ["model.num_layers=2"]          # 2 blocks (one MoE): few tensors, few requests
 
 

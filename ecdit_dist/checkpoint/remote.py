@@ -569,6 +569,7 @@ class S3Output:
         self.error: BaseException | None = None
         self.cond = threading.Condition()
         self.done = threading.Event()
+        self.cancel = threading.Event()      # the conversion failed: upload nothing more
         self.staged_peak = 0
 
     def _finished(self) -> list[Path]:
@@ -588,6 +589,8 @@ class S3Output:
                 finished = self._finished()
                 self.staged_peak = max(self.staged_peak, len(finished))
                 for p in finished:
+                    if self.cancel.is_set():
+                        return
                     self._upload(p)
                     with self.cond:
                         self.cond.notify_all()
@@ -622,6 +625,8 @@ class S3Output:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         _ACTIVE.remove(self)
+        if exc is not None:
+            self.cancel.set()
         self.done.set()
         self.thread.join()
         try:
