@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,24 @@ def test_failed_or_killed_upload_leaves_nothing_readable(s3, trained, monkeypatc
         C.export(run, failed, max_shard_size="64KB")
     monkeypatch.setattr(S3Storage, "put_file", put_file)
     assert len(calls) == 3 and not keys(s3, failed)                      # what was uploaded is deleted again
+
+    load, seen = remote.S3DCPSource.load, []
+
+    def failing_load(self, name, out=None):                             # a read fails after shards went up
+        seen.append(name)
+        if len(seen) == 20:
+            deadline = time.time() + 30
+            while not keys(s3, failed) and time.time() < deadline:
+                time.sleep(0.05)
+            assert keys(s3, failed)
+            raise CheckpointError("injected read failure")
+        return load(self, name, out)
+
+    monkeypatch.setattr(remote.S3DCPSource, "load", failing_load)
+    with pytest.raises(CheckpointError, match="injected read failure"):
+        C.export(f"s3://{BUCKET}/run", failed, max_shard_size="64KB")
+    monkeypatch.setattr(remote.S3DCPSource, "load", load)
+    assert len(seen) == 20 and not keys(s3, failed)
 
     killed = f"s3://{BUCKET}/t4/killed"
     done = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_UPLOADS, "convert", "export", "--checkpoint",
