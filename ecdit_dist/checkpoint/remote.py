@@ -1,12 +1,12 @@
 """Checkpoints on S3: `s3://` sources and destinations for every `ecdit convert` command.
 
 Sources read with ranged GETs only; no whole file is downloaded to read one tensor, and no
-more than one tensor (plus one read chunk) is held at a time:
+more than one tensor is held at a time (two while DCP copies one out of its framing):
 
 - `S3SafetensorsSource`: consolidated safetensors (`config.json` + one file, a folder of
   shards with `model.safetensors.index.json`, or a folder of `*.safetensors`). Each shard's
-  header is read once (a ranged GET of its first bytes); a tensor is one ranged GET of its
-  bytes (split into `chunk_bytes` requests), straight into the destination tensor.
+  header is read once (a ranged GET of its first bytes); a tensor is read with ranged GETs of
+  exactly its bytes (`chunk_bytes` each, `READ_WORKERS` in flight), straight into the tensor.
 - `S3DCPSource`: a committed training checkpoint, either a step folder
   (`.../checkpoints/step-00000042`) or a run prefix whose `checkpoints/latest` names one (the
   layout `checkpoint.mirror` writes). Its small files (`manifest.json`, `meta.json`,
