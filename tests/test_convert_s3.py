@@ -103,6 +103,11 @@ def test_export_import_roundtrip_through_s3_is_bit_exact(s3, trained, tmp_path, 
     C.export(f"s3://{BUCKET}/t1/imported", tmp_path / "back", max_shard_size="0")
     back = load_file(tmp_path / "back" / "model.safetensors")
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    fresh = Trainer(load_config(TINY, [f"run.dir={tmp_path / 'fresh'}", "train.steps=1", *QUIET, *SMALL,
+                                       f"checkpoint.mirror=s3://{BUCKET}/t1/imported"]))
+    assert fresh.resume() and fresh.step == 0                              # training starts from the S3 import
+    now = fresh.model.state_dict()
+    assert all(torch.equal(now[k], state[k]) for k in state)
 
     # one tensor costs one ranged read of its own bytes, not the file it lives in
     src = remote.open_source(out)
