@@ -176,7 +176,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="export, import, merge, upcycle and inspect checkpoints",
                        description="Convert checkpoints. Every converter checks the tensors against the model's "
-                                   "config and fails naming missing, leftover or mis-shaped tensors.")
+                                   "config and fails naming missing, leftover or mis-shaped tensors. Every input "
+                                   "and output may be s3://bucket/prefix: read with ranged GETs, a tensor at a "
+                                   "time; written a few shards at a time with checksummed (multipart) uploads, "
+                                   "config.json last as the commit marker (docs/CHECKPOINTS.md, 'On S3').")
     ops = c.add_subparsers(dest="op", required=True, metavar="OP")
 
     def common(p, writes: bool = True, replaces: bool = True):
@@ -186,7 +189,8 @@ def _add_convert(sub) -> None:
             p.add_argument("--max-shard-size", default="5GB", help="split output files at this size (e.g. 2GB; 0 = one file)")
         if writes and replaces:
             p.add_argument("--overwrite", action="store_true",
-                           help="replace a non-empty output folder whole (it is refused otherwise)")
+                           help="replace a non-empty output folder whole (it is refused otherwise); on S3 "
+                                "the old output is deleted before the new one is written")
         p.set_defaults(func=_cmd_convert)
 
     def streaming(p, verify: bool = True):
@@ -203,8 +207,9 @@ def _add_convert(sub) -> None:
     e = ops.add_parser("export", help="training checkpoint -> consolidated safetensors + config.json",
                        description="Stream a training checkpoint (any layout) into consolidated safetensors, "
                                    "one tensor in memory at a time.")
-    e.add_argument("--checkpoint", required=True, help="run folder (newest valid checkpoint) or checkpoints/step-N")
-    e.add_argument("--out", required=True, help="output folder")
+    e.add_argument("--checkpoint", required=True, help="run folder (newest valid checkpoint) or checkpoints/step-N; "
+                                                       "or s3://... (a step folder, or a run prefix with checkpoints/latest)")
+    e.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="cast floating tensors")
     e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     common(e)
@@ -213,8 +218,10 @@ def _add_convert(sub) -> None:
     i = ops.add_parser("import", help="consolidated safetensors -> a training checkpoint any layout starts from",
                        description="Write consolidated weights as a step-0 checkpoint in RUN_DIR; `ecdit train` with "
                                    "run.dir=RUN_DIR on any layout then starts from them (fresh optimizer).")
-    i.add_argument("--src", required=True, help="folder with *.safetensors (+ index) and config.json, or one file")
-    i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in")
+    i.add_argument("--src", required=True, help="folder with *.safetensors (+ index) and config.json, or one file "
+                                                "(local or s3://)")
+    i.add_argument("--run-dir", required=True, help="run folder to create the checkpoint in; s3://bucket/run uploads "
+                                                    "it in the layout of checkpoint.mirror (staged on local disk)")
     i.add_argument("--group-size", default="64MiB",
                    help="tensors are read and written in groups up to this size (a larger tensor alone); "
                         "peak memory is at most 2x (fp32) or 4x (bf16/fp16) max(largest tensor, group size) + 64 MiB "
@@ -225,8 +232,8 @@ def _add_convert(sub) -> None:
     m = ops.add_parser("merge", help="average checkpoints, or re-shard / join one",
                        description="Weighted average of checkpoints with identical architectures, tensor by tensor. "
                                    "With one input it re-shards (e.g. --max-shard-size 0 joins shards into one file).")
-    m.add_argument("inputs", nargs="+", help="training checkpoints or consolidated safetensors")
-    m.add_argument("--out", required=True)
+    m.add_argument("inputs", nargs="+", help="training checkpoints or consolidated safetensors (local or s3://)")
+    m.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     m.add_argument("--weights", type=float, nargs="+", help="one weight per input (default: equal)")
     m.add_argument("--tensor-weights", help='JSON file {"glob pattern": [w1, w2, ...]}; first match wins')
     m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
@@ -237,8 +244,8 @@ def _add_convert(sub) -> None:
     u = ops.add_parser("upcycle", help="dense checkpoint -> EC-DiT with n experts per MoE layer",
                        description="Each expert of a MoE layer starts as a copy of that layer's dense FFN "
                                    "(plus optional noise); the router starts random.")
-    u.add_argument("--src", required=True, help="dense training checkpoint or consolidated safetensors")
-    u.add_argument("--out", required=True)
+    u.add_argument("--src", required=True, help="dense training checkpoint or consolidated safetensors (local or s3://)")
+    u.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     u.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
     u.add_argument("--noise", type=float, default=0.0, help="noise std, relative to each weight's std (default 0)")
     u.add_argument("--router-std", type=float, default=0.02, help="std of the new router weights")
@@ -248,7 +255,7 @@ def _add_convert(sub) -> None:
     streaming(u, verify=False)
 
     n = ops.add_parser("inspect", help="tensors, shapes, dtypes, totals, checksum verification")
-    n.add_argument("path", help="training checkpoint (run or step folder) or consolidated safetensors")
+    n.add_argument("path", help="training checkpoint (run or step folder) or consolidated safetensors (local or s3://)")
     n.add_argument("--ema", action="store_true", help="list the EMA tensors")
     n.add_argument("--no-verify", action="store_true", help="skip the sha256 verification")
     common(n, writes=False)
@@ -256,10 +263,11 @@ def _add_convert(sub) -> None:
     d = ops.add_parser("deepspeed", help="DeepSpeed ZeRO checkpoint (no expert parallelism) -> consolidated",
                        description="Consolidate a DeepSpeed ZeRO stage 1-3 checkpoint of an ECDiT through "
                                    "deepspeed's zero_to_fp32 reader.")
-    d.add_argument("--checkpoint", required=True, help="the DeepSpeed checkpoint folder (holding 'latest')")
+    d.add_argument("--checkpoint", required=True, help="the DeepSpeed checkpoint folder (holding 'latest'); an s3:// "
+                                                       "prefix is downloaded to a temporary folder first")
     d.add_argument("--config", required=True, help="the run config of the model")
     d.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     common(d)
 
 

@@ -22,15 +22,17 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ecdit_dist.checkpoint import remote
 from ecdit_dist.checkpoint.errors import CheckpointError
 from ecdit_dist.checkpoint.manager import (
     CheckpointManager, _fsync_dir, _safe_member, read_meta, sha256_file, verify_checkpoint,
 )
 from ecdit_dist.checkpoint.streaming import DEFAULT_WORKERS, Staging, write_shards
 from ecdit_dist.checkpoint.tensors import (
-    ConvertError, DCPSource, SafetensorsSource, TensorInfo, check_keys, expected_tensors, open_source, parse_size,
+    ConvertError, DCPSource, TensorInfo, check_keys, expected_tensors, parse_size,
     total_bytes, write_safetensors,
 )
+from ecdit_dist.checkpoint.tensors import open_source as _open_local
 
 CONFIG_JSON = "config.json"
 FORMAT = "ecdit-dist/consolidated-v1"
@@ -47,10 +49,17 @@ class Progress(Protocol):
 
 def _ticker(progress: Progress | None, total: int) -> Callable[[int], Any] | None:
     if progress is None:
-        return None
+        return remote.paced(None)      # paced: an S3 output holds the writer back while shards await upload
     progress.total = total
     progress.refresh()
-    return progress.update
+    return remote.paced(progress.update)
+
+
+def open_source(path: str | Path, ema: bool = False, verify: bool = True):
+    """A checkpoint source on disk (tensors.open_source) or on S3 (checkpoint/remote.py)."""
+    if remote.is_s3(str(path)):
+        return remote.open_source(str(path), ema=ema, verify=verify)
+    return _open_local(path, ema=ema, verify=verify)
 
 
 def _arch(config: dict[str, Any]) -> tuple[dict, dict]:
@@ -62,6 +71,9 @@ def _arch(config: dict[str, Any]) -> tuple[dict, dict]:
 
 def source_config(path: Path, src) -> dict[str, Any]:
     """The architecture of a source: meta.json of a training checkpoint or config.json next to safetensors."""
+    if hasattr(src, "read_config"):          # sources on S3 carry their config
+        model, moe = _arch(src.read_config())
+        return {"model": model, "moe": moe}
     if isinstance(src, DCPSource):
         config = read_meta(src.folder)["config"]
     else:
@@ -83,6 +95,8 @@ def _write_config(out: Path, config: dict[str, Any], extra: dict[str, Any]) -> N
 
 def check_out(out: str | Path, overwrite: bool) -> None:
     """Refuse an output folder that exists and is not empty, unless it is to be replaced whole."""
+    if remote.is_s3(str(out)):
+        return remote.check_out(str(out), overwrite)
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} exists and is not empty; choose another --out, or pass --overwrite to "
@@ -119,7 +133,13 @@ def staged_output(out: str | Path, overwrite: bool = False):
     """Yield a staging folder beside `out`; when the body completes it becomes `out` by a rename
     (an existing `out` is replaced whole, never file by file). A crash or an error leaves `out` as
     it was; the staging folder is removed on errors and ignored by readers (its name starts with
-    '.'); the staging folders of killed conversions of the same `out` on this host are removed."""
+    '.'); the staging folders of killed conversions of the same `out` on this host are removed.
+    An s3:// `out` is staged locally a few shards at a time and committed by its config.json
+    (checkpoint/remote.py)."""
+    if remote.is_s3(str(out)):
+        with remote.staged_upload(str(out), overwrite) as stage:
+            yield stage
+        return
     out = Path(out)
     check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +228,24 @@ def _training_folder(path: Path) -> tuple[Path, bool] | None:
     return None
 
 
-def _open_training(path: str | Path, ema: bool, verify: str, threads: int) -> tuple[DCPSource, _Verifier]:
+class _Verified:
+    """The verifier of a source that verified itself when opened (an S3 checkpoint, remote.py)."""
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _open_training(path: str | Path, ema: bool, verify: str, threads: int) -> tuple[DCPSource, Any]:
+    if remote.is_s3(str(path)):
+        if verify not in VERIFY_MODES:
+            raise ConvertError(f"--verify {verify!r}: choose one of {', '.join(VERIFY_MODES)}")
+        src = remote.open_source(str(path), ema=ema, verify=verify == "sha256")
+        if not isinstance(src, DCPSource):
+            raise ConvertError(f"{path} is not a training checkpoint (no manifest.json / .metadata under it)")
+        return src, _Verified()
     found = _training_folder(Path(path))
     if found is None:
         raise ConvertError(f"{path} is not a training checkpoint (no .metadata / checkpoints/)")
@@ -304,7 +341,10 @@ def import_(src_path: str | Path, run_dir: str | Path, dry_run: bool = False,
     (see checkpoint/stream_import.py)."""
     from ecdit_dist.checkpoint.stream_import import write_weights_checkpoint
 
-    src = SafetensorsSource(src_path)
+    if remote.is_s3(str(run_dir)):        # written locally, then uploaded in the mirror's layout
+        return remote.import_to_s3(str(run_dir), dry_run,
+                                   lambda local, dry: import_(src_path, local, dry, progress, group_size))
+    src = remote.open_safetensors(src_path)
     config = source_config(Path(src_path), src)
     expected = expected_tensors(config["model"], config["moe"])
     check_keys(src.infos, expected, src.describe())
@@ -348,7 +388,8 @@ def merge(inputs: list[str | Path], out: str | Path, weights: list[float] | None
     try:
         sources = []
         for p in inputs:
-            if _training_folder(Path(p)) is not None:
+            if (remote.resolve_dcp(remote._storage(), str(p)) is not None if remote.is_s3(str(p))
+                    else _training_folder(Path(p)) is not None):
                 src, v = _open_training(p, ema, verify if not dry_run else "size", 2)
                 verifiers.append(v)
                 sources.append(src)
@@ -519,7 +560,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None):
     from ecdit_dist.config import config_from_dict
     from ecdit_dist.model import ECDiT
 
-    src = SafetensorsSource(path)
+    src = remote.open_safetensors(path)
     config = source_config(Path(path), src)
     check_keys(src.infos, expected_tensors(config["model"], config["moe"]), src.describe())
     cfg = config_from_dict(config, validate=False)
@@ -533,6 +574,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None):
 # ------------------------------------------------------------------------------------ inspect
 def inspect(path: str | Path, verify: bool = True, ema: bool = False) -> dict[str, Any]:
     """Tensors, shapes, dtypes and totals of a checkpoint; checksums verified for training checkpoints."""
+    if remote.is_s3(str(path)):
+        return remote.inspect(str(path), verify=verify, ema=ema)
     path = Path(path)
     src = open_source(path, ema=ema, verify=False)      # verified once, below, when asked
     report: dict[str, Any] = {"path": str(path), "kind": "training" if isinstance(src, DCPSource) else "safetensors"}
@@ -611,6 +654,11 @@ def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path,
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
         raise ConvertError("reading DeepSpeed checkpoints needs deepspeed (pip install 'ecdit-dist[deepspeed]')") from None
+    if remote.is_s3(str(ds_dir)):          # DeepSpeed's reader needs files (and loads the whole model anyway)
+        check_out(out, overwrite)
+        with remote.local_copy(str(ds_dir)) as local:
+            return {**from_deepspeed(local, out, config_path, tag, max_shard_size, dry_run, progress, overwrite),
+                    "source": str(ds_dir)}
     from ecdit_dist.config import load_config
 
     check_out(out, overwrite)
