@@ -559,6 +559,21 @@ def draw_routing(run: dict, path: Path, t_val: float = 0.5) -> Path:
     return save_png(img, path)
 
 
+def steps_to_reach(results: dict, reference: str, window: int = 5) -> dict[str, int | None]:
+    """Per arm, the first logged step at which the seed-mean smoothed training loss is at or below
+    the reference arm's final smoothed value."""
+    mean = {}
+    for arm in results["arms"]:
+        runs = [r for r in results["runs"].values() if r["arm"] == arm]
+        if runs:
+            curves = [_smooth(r["curve"]["loss"], window) for r in runs]
+            mean[arm] = (runs[0]["curve"]["step"], [statistics.fmean(v) for v in zip(*curves)])
+    if reference not in mean:
+        return {}
+    target = mean[reference][1][-1]
+    return {arm: next((st for st, v in zip(steps, vals) if v <= target), None) for arm, (steps, vals) in mean.items()}
+
+
 def _fmt(m: float, s: float, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
@@ -592,7 +607,7 @@ CLAIMS = [
     ("Expert choice trains to a lower loss than dense at matched activated compute", "Fig. 8", "ec-8e", "dense"),
     ("Expert choice beats token-choice top-2 (GShard) with the same experts", "Fig. 5, Table 4", "ec-8e", "gs-8e"),
     ("More experts help (16 against 8)", "Fig. 8, Sec. 3.6", "ec-16e", "ec-8e"),
-    ("EC with 8 experts at least rivals token choice (here with 8 too)", "Sec. 3.5", "ec-16e", "gs-8e"),
+    ("Expert choice with more experts (16) beats token choice (8)", "Sec. 3.5", "ec-16e", "gs-8e"),
 ]
 
 
@@ -683,11 +698,16 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
     L.append("")
     cpu = [r["cpu_s"]["train"] + r["cpu_s"]["eval"] for r in results["runs"].values()]
     per_step = {a: statistics.fmean(v["cpu_s_per_step"]) for a, v in summary.items()}
+    wall = [r["wall_s"]["train"] + r["wall_s"]["eval"] for r in results["runs"].values()]
     L.append(f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (1 thread per run). "
              f"The {len(cpu)} runs took {sum(cpu):.0f} CPU-seconds (user + system) in all, "
              f"{sum(cpu) / 2 / 60:.0f} minutes on 2 idle cores; training "
              + ", ".join(f"{LABELS[a]} {v:.2f}" for a, v in per_step.items())
-             + " CPU-s per step. Results updated " + results.get("updated", "?") + ".")
+             + f" CPU-s per step (with start-up). Measured as CPU time, not wall time: the machine was shared "
+             f"(load average {m['loadavg_1m']} at the start), and the runs took {sum(wall) / 3600:.1f} hours of wall "
+             "time one after another. Results updated " + results.get("updated", "?")
+             + (f", from {len(results['parts'])} invocations of `run` side by side (seeds split between them)"
+                if results.get("parts") else "") + ".")
     L.append("")
     L.append("## Loss")
     L.append("")
@@ -702,6 +722,12 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
         L.append(f"| {LABELS[arm]} | {len(v['seeds'])} | {_fmt(*mean_sd(v['final_loss']), 4)} | "
                  f"{_fmt(*mean_sd(v['val_loss']), 4)} |")
     L.append("")
+    reach = steps_to_reach(results, "dense")
+    if reach:
+        L.append("Steps each arm's training loss (seed mean, moving average of 5 logged steps) takes to first reach "
+                 "the dense arm's final value (paper Fig. 8: EC-DiT-XXL at 200K steps matches DENSE-XXL at 400K): "
+                 + ", ".join(f"{LABELS[a]} {'never' if v is None else v}" for a, v in reach.items()) + ".")
+        L.append("")
     L.append("## mini-GenEval")
     L.append("")
     chance = chance_levels()
@@ -813,9 +839,9 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
                  f"{st.eval_steps} | {st.val_images} | {st.routing_images} |")
     L.append("")
     L.append("`test` is what the test suite runs (every artefact, seconds); `default` made this report; `gpu` is "
-             "for one GPU (bf16 autocast, batch 256, 20 000 steps, 5 seeds), where the differences that 500 "
+             f"for one GPU (bf16 autocast, batch 256, 20 000 steps, 5 seeds), where differences that {s['steps']} "
              "CPU steps cannot resolve should separate: `python benchmarks/paper_claims.py run --setting gpu "
-             "--out runs/claims-gpu`.")
+             "--out runs/claims-gpu --jobs 1`.")
     L.append("")
     return "\n".join(L)
 
@@ -852,10 +878,32 @@ def plain_words(summary: dict, verdicts: dict, routing_rows: dict, results: dict
     return out
 
 
+def merge_results(paths: list[str]) -> dict:
+    """One results dict from several `run` outputs of the same setting (e.g. seeds run side by side);
+    runs are keyed by arm and seed."""
+    merged: dict = {}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        if not merged:
+            merged = part
+            continue
+        if (part["setting"], part["settings"]) != (merged["setting"], merged["settings"]):
+            raise ValueError(f"{p} holds results of setting '{part['setting']}', not '{merged['setting']}'")
+        # a run present twice (same arm and seed, so the same run) is taken from the first file
+        merged["runs"].update({k: v for k, v in part["runs"].items() if k not in merged["runs"]})
+        merged.setdefault("parts", [paths[0]]).append(p)
+        merged["updated"] = max(merged.get("updated", ""), part.get("updated", ""))
+    return merged
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    results = json.loads(Path(args.results).read_text())
+    try:
+        results = merge_results(args.results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not results.get("runs"):
-        print(f"error: {args.results} holds no finished run", file=sys.stderr)
+        print(f"error: {', '.join(args.results)} hold no finished run", file=sys.stderr)
         return 2
     doc = Path(args.doc)
     text = build_report(results, Path(args.img_dir), doc)
@@ -881,7 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint")
     r.set_defaults(func=cmd_run)
     q = sub.add_parser("report", help="results JSON -> markdown report and PNGs")
-    q.add_argument("--results", default="runs/claims/results.json")
+    q.add_argument("--results", nargs="+", default=["runs/claims/results.json"],
+                   help="results JSON of `run` (several: merged, e.g. seeds run side by side)")
     q.add_argument("--doc", default=str(ROOT / "docs" / "REPRODUCTION.md"))
     q.add_argument("--img-dir", default=str(ROOT / "docs" / "img" / "reproduction"))
     q.set_defaults(func=cmd_report)

@@ -123,3 +123,18 @@ def test_claims_pipeline_end_to_end(tmp_path):
             assert im.format == "PNG" and im.width > 100
     for arm in pc.ARMS:
         assert pc.LABELS[arm] in text
+
+
+def test_results_of_one_setting_merge(tmp_path):
+    def part(name: str, setting: str, keys: list[str]) -> str:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"setting": setting, "settings": {"steps": len(setting)},
+                                    "runs": {k: {"from": name} for k in keys}}))
+        return str(path)
+
+    a = part("a", "default", ["dense/seed0", "ec-8e/seed0"])
+    b = part("b", "default", ["dense/seed1", "ec-8e/seed0"])
+    merged = pc.merge_results([a, b])
+    assert merged["runs"] == {"dense/seed0": {"from": "a"}, "ec-8e/seed0": {"from": "a"}, "dense/seed1": {"from": "b"}}
+    with pytest.raises(ValueError, match="setting 'test'"):
+        pc.merge_results([a, part("c", "test", ["dense/seed2"])])
