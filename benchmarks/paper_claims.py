@@ -425,9 +425,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def draw_loss_curves(results: dict, path: Path, window: int = 5) -> Path:
+def draw_loss_curves(results: dict, path: Path, window: int = 5, from_share: float = 0.1) -> Path:
     """Training loss against step: the mean over seeds (moving average of `window` logged points)
-    per arm, each seed as a thin line."""
+    per arm, each seed as a thin line; logged steps from `from_share` of the run on."""
     from PIL import Image, ImageDraw
 
     from ecdit_dist.profiling.plot import SERIES_COLOURS, save_png
@@ -447,14 +447,16 @@ def draw_loss_curves(results: dict, path: Path, window: int = 5) -> Path:
     if not series:
         raise ValueError("no complete run in the results")
     xmax = max(s[0][-1] for s in series.values())
-    skip = max(1, len(next(iter(series.values()))[0]) // 10)   # leave out the first tenth (warm-up)
+    skip = max(1, int(len(next(iter(series.values()))[0]) * from_share))   # leave out the warm-up
+    xmin = next(iter(series.values()))[0][skip] if skip < len(next(iter(series.values()))[0]) else 0
     ys = [v for _, per_seed, _ in series.values() for curve in per_seed for v in curve[skip:]]
     ylo, yhi = min(ys), max(ys)
     pad = 0.05 * (yhi - ylo or 1)
     ylo, yhi = ylo - pad, yhi + pad
 
     def px(step: float, loss: float) -> tuple[float, float]:
-        return (L + (W - L - R) * step / xmax, T + (H - T - B) * (1 - (loss - ylo) / (yhi - ylo)))
+        return (L + (W - L - R) * (step - xmin) / max(xmax - xmin, 1),
+                T + (H - T - B) * (1 - (loss - ylo) / (yhi - ylo)))
 
     d.rectangle([L, T, W - R, H - B], outline=(0, 0, 0))
     for k in range(6):
@@ -462,7 +464,7 @@ def draw_loss_curves(results: dict, path: Path, window: int = 5) -> Path:
         _, yy = px(0, y)
         d.line([L - 4, yy, L, yy], fill=(0, 0, 0))
         d.text((4, yy - 6), f"{y:.4f}", fill=(0, 0, 0))
-        s = xmax * k / 5
+        s = xmin + (xmax - xmin) * k / 5
         xx, _ = px(s, ylo)
         d.line([xx, H - B, xx, H - B + 4], fill=(0, 0, 0))
         d.text((xx - 10, H - B + 8), f"{s:.0f}", fill=(0, 0, 0))
@@ -648,6 +650,7 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
     rel = lambda p: Path(p).resolve().relative_to(doc_path.resolve().parent).as_posix() \
         if Path(p).resolve().is_relative_to(doc_path.resolve().parent) else str(p)
     loss_png = draw_loss_curves(results, img_dir / "loss.png")
+    late_png = draw_loss_curves(results, img_dir / "loss-second-half.png", from_share=0.5)
     samples_png = draw_samples(results, img_dir / "samples.png")
     routing_pngs = {}
     for arm in results["arms"]:
@@ -708,14 +711,16 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
              f"{sum(cpu) / 2 / 60:.0f} minutes on 2 idle cores; training "
              + ", ".join(f"{LABELS[a]} {v:.2f}" for a, v in per_step.items())
              + f" CPU-s per step (with start-up). Measured as CPU time, not wall time: the machine was shared "
-             f"(load average {m['loadavg_1m']} at the start), and the runs took {sum(wall) / 3600:.1f} hours of wall "
-             "time one after another. Results updated " + results.get("updated", "?")
+             f"(load average {m['loadavg_1m']} at the start), and the runs' wall times add up to {sum(wall) / 3600:.1f} "
+             "hours (several ran at once). Results updated " + results.get("updated", "?")
              + (f", from {len(results['parts'])} invocations of `run` side by side (seeds split between them)"
                 if results.get("parts") else "") + ".")
     L.append("")
     L.append("## Loss")
     L.append("")
     L.append(f"![training loss]({rel(loss_png)})")
+    L.append("")
+    L.append(f"![training loss, second half]({rel(late_png)})")
     L.append("")
     L.append("Mean ± standard deviation over seeds. Final training loss: mean of the last tenth of the logged "
              "losses (masked tokens, as trained).")

@@ -115,7 +115,8 @@ def test_claims_pipeline_end_to_end(tmp_path):
     for heading in ("## Setup", "## Loss", "## mini-GenEval", "## Routing", "## Which claims held"):
         assert heading in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert {Path(p).name for p in links} == {"loss.png", "samples.png", "routing-ec-8e.png", "routing-ec-16e.png"}
+    assert {Path(p).name for p in links} == {"loss.png", "loss-second-half.png", "samples.png", "routing-ec-8e.png",
+                                              "routing-ec-16e.png"}
     from PIL import Image
 
     for link in links:
