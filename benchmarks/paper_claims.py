@@ -24,8 +24,9 @@ Each run is then measured on its EMA weights:
 
 `run` writes the results JSON after every (seed, arm) run and skips runs already in it, so an
 interrupted run continues where it stopped; `report` works on whatever seeds are complete.
-Settings: `test` (a few steps per arm, for the test suite), `default` (the documented run, about
-40 minutes of 2 CPU cores), `gpu` (longer and larger, for one GPU; documented, not run here).
+Settings: `test` (a few steps per arm, for the test suite), `default` (the documented run: 12 runs of
+about 160 CPU-seconds each, some 16 minutes on 2 idle cores with --jobs 2), `gpu` (longer and larger,
+for one GPU; documented, not run here).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ SETTINGS = {
     # the test suite: every artefact, in seconds
     "test": Setting(steps=3, seeds=(0, 1), eval_prompts=4, eval_steps=2, val_images=8, routing_images=4,
                     log_interval=1),
-    # the documented CPU run: 12 runs, sized from measured CPU-seconds per step (docs/REPRODUCTION.md)
+    # the documented CPU run: 12 runs of 0.23-0.27 CPU-s per training step (measured) plus ~32 CPU-s of
+    # evaluation each, ~1900 CPU-s in all (docs/REPRODUCTION.md); kept well under 40 minutes of 2 cores
+    # so that it also finishes on a shared machine
     "default": Setting(steps=500, seeds=(0, 1, 2), eval_prompts=100, eval_steps=20, val_images=256,
                        routing_images=64, log_interval=10),
     # one GPU: longer runs, larger batch, more seeds and prompts (not run for the committed report)
