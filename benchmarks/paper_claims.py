@@ -549,7 +549,10 @@ def draw_routing(run: dict, path: Path, t_val: float = 0.5) -> Path:
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     size = strip.height
-    E = rt["num_experts"]
+    # colour scale: 0 to the most experts any token got in these panels (at most E), not E itself,
+    # so the contrast around the mean of 2 stays visible with many experts
+    E = max(1, math.ceil(max(v for i in layers for img_ in rt["examples"][f"{i}/{t_val}"] for row in img_
+                             for v in row)))
     titles = ["render", "shape coverage"] + [f"layer {i}: experts" for i in layers]
     for c, title in enumerate(titles):
         d.text((10 + c * (panel + 10), 4), title, fill=(0, 0, 0))
