@@ -8,8 +8,8 @@ Four arms of the tiny EC-DiT (configs/claims/), all at the same activated comput
   ec-8e   expert choice, capacity factor 2 (2 experts per token on average), 8 experts of 512
   ec-16e  the same with 16 experts
 
-Every arm trains on the same data, for the same steps, with the same seeds (the seed sets the
-initial weights, the noise, timesteps and token masks; the data order is the same for all).
+Every arm trains on the same data, for the same steps, with the same seeds (a seed sets the
+initial weights, the data order, noise, timesteps and token masks: the same for every arm).
 Each run is then measured on its EMA weights:
 
 * validation loss: the velocity MSE on 'val_images' held-out renders (all tokens, no masking),
@@ -724,8 +724,9 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
              f"(d x E per MoE layer); `check-params` asserts it is under {MATCH_TOLERANCE:.0%}.")
     L.append("")
     L.append(f"Every arm: {s['steps']} steps of batch {s['batch_size']}, AdamW at 1e-3 with 100 warm-up steps, "
-             f"EMA 0.995, seeds {', '.join(map(str, s['seeds']))} (weights, noise, timesteps and token masks; the "
-             "data order is the same for every run). Measured on the EMA weights: the validation loss "
+             f"EMA 0.995, seeds {', '.join(map(str, s['seeds']))}: a seed sets the initial weights, the order of the "
+             "(one) dataset, the noise, timesteps and token masks, the same for every arm, so the arms of one "
+             "seed see the same batches. Measured on the EMA weights: the validation loss "
              f"(velocity MSE over all tokens of {s['val_images']} held-out renders, fixed noise, timesteps at "
              f"the quantiles of the training density); the mini-GenEval on {s['eval_prompts']} prompts "
              f"({s['eval_steps']} Euler steps, guidance {s['cfg_scale']}); the routing of "
