@@ -740,8 +740,8 @@ def build_report(results: dict, img_dir: Path, doc_path: Path) -> str:
              f"{sum(cpu) / 2 / 60:.0f} minutes on 2 idle cores; training "
              + ", ".join(f"{LABELS[a]} {v:.2f}" for a, v in per_step.items())
              + f" CPU-s per step (with start-up). Measured as CPU time, not wall time: the machine was shared "
-             f"(load average {m['loadavg_1m']} at the start), and the runs' wall times add up to {sum(wall) / 3600:.1f} "
-             "hours (several ran at once). Results updated " + results.get("updated", "?")
+             f"(load average {m['loadavg_1m']} at the start), and the runs' wall times add up to "
+             f"{sum(wall) / 3600:.1f} hours (several ran at once). Results updated " + results.get("updated", "?")
              + (f", from {len(results['parts'])} invocations of `run` side by side (seeds split between them)"
                 if results.get("parts") else "") + ".")
     L.append("")
