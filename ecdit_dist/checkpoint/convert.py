@@ -322,7 +322,7 @@ def _export(checkpoint, out, max_shard_size, dtype, ema, dry_run, progress, over
         with staged_output(out, overwrite) as stage:
             shards = write_shards(stage, infos, read, plan["max_shard_bytes"], {"format": "pt", "source": FORMAT},
                                   _ticker(progress, plan["bytes"]), extents=extents, workers=workers,
-                                  on_shard=on_shard)
+                                  shard_gate=remote.shard_gate(), on_shard=on_shard)
             _write_config(stage, config, {"weights": "ema" if ema else "model",
                                           "step": read_meta(src.folder).get("step")})
             verifier.wait()
@@ -463,7 +463,8 @@ def _merge(inputs, sources, verifiers, out, weights, tensor_weights, max_shard_s
 
     with staged_output(out, overwrite) as stage:
         shards = write_shards(stage, infos, read, parse_size(max_shard_size), {"format": "pt", "source": FORMAT},
-                              _ticker(progress, plan["bytes"]), extents=extents, workers=workers, on_shard=on_shard)
+                              _ticker(progress, plan["bytes"]), extents=extents, workers=workers,
+                              shard_gate=remote.shard_gate(), on_shard=on_shard)
         _write_config(stage, configs[0], {"merged_from": [str(p) for p in inputs], "merge_weights": weights})
         for v in verifiers:
             v.wait()
@@ -550,7 +551,8 @@ def upcycle(src_path: str | Path, out: str | Path, num_experts: int, noise: floa
 
     with staged_output(out, overwrite) as stage:
         shards = write_shards(stage, infos, read, parse_size(max_shard_size), {"format": "pt", "source": FORMAT},
-                              _ticker(progress, plan["bytes"]), extents=extents, workers=workers, on_shard=on_shard)
+                              _ticker(progress, plan["bytes"]), extents=extents, workers=workers,
+                              shard_gate=remote.shard_gate(), on_shard=on_shard)
         _write_config(stage, new_config, {"upcycled_from": str(src_path), "upcycle_noise": noise})
     return {**plan, "files": [s.file for s in shards]}
 

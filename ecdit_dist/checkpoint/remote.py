@@ -573,6 +573,12 @@ def paced(tick: Callable[[int], Any] | None) -> Callable[[int], Any] | None:
     return tick_paced
 
 
+def shard_gate() -> Callable[[], None] | None:
+    """For a shard writer (streaming.write_shards): while an S3 output is active, block before each
+    new shard until at most `max_staged` finished shards await upload; None otherwise."""
+    return _ACTIVE[-1].throttle if _ACTIVE else None
+
+
 class S3Output:
     """Stage a converter's output locally, upload shards as they finish, commit with config.json."""
 

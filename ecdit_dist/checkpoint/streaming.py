@@ -160,14 +160,17 @@ def write_shards(out_dir: str | Path, infos: dict[str, TensorInfo],
                  read: Callable[[str, Staging], torch.Tensor], max_bytes: int = 0,
                  metadata: dict[str, str] | None = None, progress: Callable[[int], object] | None = None,
                  extents: Callable[[str], list[Extent] | None] | None = None, workers: int = DEFAULT_WORKERS,
-                 buffers: int = DEFAULT_BUFFERS, on_shard: Callable[[Path, Shard], object] | None = None
-                 ) -> list[Shard]:
+                 buffers: int = DEFAULT_BUFFERS, on_shard: Callable[[Path, Shard], object] | None = None,
+                 shard_gate: Callable[[], object] | None = None) -> list[Shard]:
     """Write `infos` as consolidated safetensors shards (+ index when sharded) into `out_dir`.
 
     Per tensor: `extents(name)` (when given and not None) lists file ranges copied as they are;
     otherwise `read(name, staging)` returns the tensor (exactly infos[name]; it may be a view of
     the staging slot's buffers), which is written while the slot is held. Same bytes, header and
     order as a sequential write (`tensors.write_safetensors`), whatever `workers`.
+    `shard_gate` (optional): called before each shard is opened, once the previous shards are
+    all written; with it, one shard at a time is being written (an uploader bounds local disk by
+    blocking in it until it has taken the finished shards away).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +229,10 @@ def write_shards(out_dir: str | Path, infos: dict[str, TensorInfo],
     executor = ThreadPoolExecutor(workers, thread_name_prefix="shard-writer")
     try:
         for si, shard in enumerate(shards):
+            if shard_gate is not None:
+                while inflight:
+                    settle(block=True)
+                shard_gate()
             files[si] = _ShardFile(out, shard, _header(infos, shard.names, meta), len(shard.names))
             if not shard.names:
                 files[si].finish()
