@@ -3,6 +3,7 @@ resumes with the missing parts only; a part or a source that changed is detected
 checks every part's SHA256."""
 
 import base64
+import json
 import hashlib
 import os
 import random
@@ -175,3 +176,92 @@ def test_small_files_go_in_one_checked_request(s3, tmp_path):
         st.put_file(small, "s3://uploads/ckpt/meta2.json", sha256="0" * 64)
     with pytest.raises(DataError, match="at least 5242880 bytes"):
         S3Storage(part_size=1 << 20)
+
+
+# ----------------------------------------------------------------------------- the checkpoint mirror
+def small_parts(manager, sent: list[int] | None = None, kill_after: int | None = None) -> None:
+    """Mirror uploads of `manager` in 5 MiB parts, one at a time; record the parts sent; SIGKILL this
+    process once `kill_after` parts have reached the server."""
+    def s3():
+        st = S3Storage(retries=2, backoff_s=0.01, page_size=manager.s3_page_size, part_size=MIN_PART,
+                       multipart_threshold=MIN_PART, workers=1)
+        real = st.client.upload_part
+
+        def upload_part(**kw):
+            out = real(**kw)
+            if sent is not None:
+                sent.append(kw["PartNumber"])
+            if kill_after is not None and sent is not None and len(sent) == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        st.client.upload_part = upload_part
+        return st
+
+    manager._s3 = s3
+
+
+def test_a_mirror_upload_killed_mid_file_is_finished_by_the_next_process(s3, tmp_path):
+    import torch
+
+    from ecdit_dist.checkpoint.manager import MIRROR_PENDING, CheckpointManager, read_meta
+    from ecdit_dist.checkpoint.tensors import DCPSource
+
+    run, prefix = tmp_path / "run", "s3://uploads/mirrored"
+    killed = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_multipart import small_parts
+        from ecdit_dist.checkpoint.manager import CheckpointManager
+        m = CheckpointManager({str(run)!r}, mirror={prefix!r})
+        small_parts(m, [], kill_after=2)
+        w = torch.arange(5 * {MIN_PART} // 16, dtype=torch.float64)     # one 12.5 MiB file: 3 parts
+        m.save(1, {{"model": {{"w": w}}, "trainer": {{"step": torch.tensor(1)}}}},
+               {{"config": {{}}, "contents": ["model", "trainer"]}})
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    folder = run / "checkpoints" / "step-00000001"
+    assert json.loads((run / "checkpoints" / MIRROR_PENDING).read_text()) == [folder.name]
+    st = storage()
+    assert st.list(prefix + "/checkpoints/step-00000001/", "manifest.json") == []      # not published
+
+    manager = CheckpointManager(run, mirror=prefix)                  # the next process of the same run
+    manager.run_id = read_meta(folder)["run_id"]
+    sent: list[int] = []
+    small_parts(manager, sent)
+    manager.check_mirror_owner()                                     # called on every resume
+    assert sent == [3]                                               # only the part the server lacked
+    assert not (run / "checkpoints" / MIRROR_PENDING).exists()
+    fetched = CheckpointManager(tmp_path / "elsewhere", mirror=prefix).fetch_from_mirror()
+    assert fetched is not None and fetched.name == folder.name
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in folder.iterdir())
+    for p in folder.iterdir():                                       # the same files (the manifest re-serialised)
+        same = json.loads((fetched / p.name).read_text()) == json.loads(p.read_text()) if p.name == "manifest.json" \
+            else (fetched / p.name).read_bytes() == p.read_bytes()
+        assert same, p.name
+    assert not list(folder.glob(".*.upload-*.json"))                  # no journal left behind
+    assert torch.equal(DCPSource(fetched).load("w"), torch.arange(5 * MIN_PART // 16, dtype=torch.float64))
+
+
+def test_a_tampered_manifest_on_the_mirror_is_refused_with_a_key(s3, tmp_path, monkeypatch):
+    import torch
+
+    from ecdit_dist.checkpoint.manager import CheckpointManager
+    from ecdit_dist.checkpoint.signing import KEY_ENV, SignatureError
+
+    monkeypatch.setenv(KEY_ENV, "mirror-signing-key-0b7e")
+    prefix = "s3://uploads/signed"
+    manager = CheckpointManager(tmp_path / "run", mirror=prefix)
+    manager.save(1, {"model": {"w": torch.randn(3)}, "trainer": {"step": torch.tensor(1)}},
+                 {"config": {}, "contents": ["model", "trainer"]})
+    st = storage()
+    url = prefix + "/checkpoints/step-00000001/manifest.json"
+    manifest = json.loads(st.get(url))
+    assert "signature" in manifest
+    manifest["files"]["meta.json"]["size"] += 1
+    st.put_bytes(url, json.dumps(manifest).encode())
+    with pytest.raises(SignatureError, match="changed after it was signed"):
+        CheckpointManager(tmp_path / "elsewhere", mirror=prefix).fetch_from_mirror()
+    assert not (tmp_path / "elsewhere" / "checkpoints" / "step-00000001").exists()

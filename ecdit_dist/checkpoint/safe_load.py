@@ -126,6 +126,9 @@ def _planner():
     return WeightsOnlyLoadPlanner()
 
 
+_checked: dict[str, tuple] = {}
+
+
 def check_signed(folder: str | Path) -> None:
     """With ECDIT_CHECKPOINT_KEY set: the folder's manifest must be signed with that key and its
     `.metadata` must be the one the manifest names (also when the sha256 check of every file is
@@ -139,11 +142,20 @@ def check_signed(folder: str | Path) -> None:
     from ecdit_dist.checkpoint.manager import read_manifest
 
     folder = Path(folder)
+    try:
+        stamp = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in
+                      ((folder / n).stat() for n in ("manifest.json", ".metadata"))) + (signing.key_id(signing.key()),)
+    except OSError:
+        stamp = None
+    if stamp is not None and _checked.get(str(folder)) == stamp:
+        return                      # the same files, already checked with the same key (one tensor at a time)
     entry = read_manifest(folder)["files"][".metadata"]      # refuses an unsigned or wrongly signed manifest
     data = (folder / ".metadata").read_bytes()
     if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise signing.SignatureError(f"{folder}: .metadata is not the file the signed manifest names (tampered "
                                      f"with); do not use this checkpoint")
+    if stamp is not None:
+        _checked[str(folder)] = stamp
 
 
 def read_metadata(folder: str | Path, signed: bool = True):
