@@ -25,6 +25,16 @@ def cli(*args, timeout=600, env=None):
                           timeout=timeout, env=env)
 
 
+def cli_here(capsys, *args):
+    """`ecdit ARGS` in this process (what the console script runs, minus the interpreter start)."""
+    from ecdit_dist.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 # ----------------------------------------------------------------------------- non-finite guard
 def test_divergent_lr_never_writes_a_nonfinite_checkpoint_and_stops(tmp_path):
     run = tmp_path / "run"
@@ -142,19 +152,20 @@ def tamper(run: Path, dest: Path, marker: Path) -> Path:
     return dest
 
 
-def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path):
+def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path, capsys):
     from ecdit_dist.data.storage import S3Storage
 
     marker = tmp_path / "PWNED"
     evil = tamper(small_run, tmp_path / "evil", marker)
     step = evil / "checkpoints" / "step-00000002"
     refused = "refers to builtins.exec, which DCP checkpoint metadata never holds"
-    attempts = {
-        "inspect": cli("convert", "inspect", step),
-        "inspect --no-verify": cli("convert", "inspect", step, "--no-verify"),
-        "export": cli("convert", "export", "--checkpoint", evil, "--out", tmp_path / "x"),
-        "merge": cli("convert", "merge", evil, small_run, "--out", tmp_path / "m"),
-        "sample": cli("sample", "--checkpoint", evil, "--steps", "2", "--per-prompt", "1", "--out", tmp_path / "s.png"),
+    attempts = {       # the readers in this process (a payload would run here too); training in its own
+        "inspect": cli_here(capsys, "convert", "inspect", step),
+        "inspect --no-verify": cli_here(capsys, "convert", "inspect", step, "--no-verify"),
+        "export": cli_here(capsys, "convert", "export", "--checkpoint", evil, "--out", tmp_path / "x"),
+        "merge": cli_here(capsys, "convert", "merge", evil, small_run, "--out", tmp_path / "m"),
+        "sample": cli_here(capsys, "sample", "--checkpoint", evil, "--steps", "2", "--per-prompt", "1", "--out",
+                           tmp_path / "s.png"),
         "resume": cli("train", "--config", TINY, "--set", *QUIET, f"run.dir={evil}", "train.steps=3",
                       "train.global_batch_size=8"),
     }
@@ -169,7 +180,7 @@ def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path):
         assert "Traceback" not in out.stderr, (what, out.stderr[-2000:])
     assert not marker.exists()
     assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
-    good = cli("convert", "inspect", small_run, "--json")          # a legitimate checkpoint still loads
+    good = cli_here(capsys, "convert", "inspect", small_run, "--json")     # a legitimate checkpoint still loads
     assert good.returncode == 0 and json.loads(good.stdout)["matches_config"] is True
 
 
@@ -338,8 +349,11 @@ def test_stopped_mirror_fails_or_continues_and_resumes_after_restart(s3, tmp_pat
         storage.S3Storage.put_file = real
         if s3.proc is None:
             s3.start()
+    owed = json.loads((tmp_path / "r" / "checkpoints" / ".mirror-pending.json").read_text())
+    assert owed == ["step-00000002", "step-00000003"]                    # recorded in the run folder
     t = train_mirrored(tmp_path / "r", prefix, 4)
-    assert t.step == 4 and 4 in mirror_steps(prefix)
+    assert t.step == 4 and mirror_steps(prefix) == {2, 3, 4}             # the resume uploaded what was owed
+    assert not (tmp_path / "r" / "checkpoints" / ".mirror-pending.json").exists()
 
 
 # ----------------------------------------------------------------------------- smaller items
