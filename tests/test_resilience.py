@@ -30,7 +30,10 @@ def cli_here(capsys, *args):
     from ecdit_dist.cli import main
 
     capsys.readouterr()
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:            # argparse refusing an argument
+        code = e.code
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
@@ -357,7 +360,7 @@ def test_stopped_mirror_fails_or_continues_and_resumes_after_restart(s3, tmp_pat
 
 
 # ----------------------------------------------------------------------------- smaller items
-def test_no_verify_skips_the_sha256_check(small_run, tmp_path):
+def test_no_verify_skips_the_sha256_check(small_run, tmp_path, capsys):
     import shutil
 
     run = tmp_path / "run"
@@ -367,14 +370,14 @@ def test_no_verify_skips_the_sha256_check(small_run, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x01
     shard.write_bytes(bytes(data))
-    checked = cli("convert", "inspect", step)
+    checked = cli_here(capsys, "convert", "inspect", step)
     assert checked.returncode == 2 and "does not match its sha256" in checked.stderr
-    unchecked = cli("convert", "inspect", step, "--no-verify", "--json")
+    unchecked = cli_here(capsys, "convert", "inspect", step, "--no-verify", "--json")
     assert unchecked.returncode == 0, unchecked.stderr[-2000:]
     assert "verified_files" not in json.loads(unchecked.stdout)
 
 
-def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path):
+def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path, capsys):
     from ecdit_dist.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="checkpoint.mirror must be s3://bucket/prefix"):
@@ -382,7 +385,7 @@ def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path):
     for args in (["data", "synth", "--out", tmp_path / "d", "--shard-rows", "0"],
                  ["train", "--nproc", "0", "--config", TINY],
                  ["sample", "--checkpoint", tmp_path, "--steps", "0"]):
-        out = cli(*args, timeout=120)
+        out = cli_here(capsys, *args)
         assert out.returncode == 2 and "must be at least 1, got 0" in out.stderr, (args, out.stderr[-1000:])
     assert not (tmp_path / "d").exists()
 
