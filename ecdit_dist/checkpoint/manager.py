@@ -10,9 +10,11 @@ Layout of `<run.dir>/checkpoints/`:
     .tmp-step-00000050/   a checkpoint being written; never loaded
 
 A checkpoint without a manifest, or whose files differ from it, is skipped on resume
-with a warning that names it. With ECDIT_CHECKPOINT_KEY set, manifests are signed when written
-and an unsigned or wrongly signed one is refused wherever it is read (see signing.py). Retention keeps the newest `keep_last`, every `keep_every`-th
-step and the newest healthy one (saved after a finite step).
+with a warning that names it. With ECDIT_CHECKPOINT_KEY set, manifests are signed when
+written and an unsigned or wrongly signed one is refused wherever it is read (signing.py).
+Retention keeps the newest `keep_last`, every `keep_every`-th step and the newest healthy
+one (saved after a finite step). With a mirror, `.mirror-pending.json` lists the committed
+steps whose upload has not finished; the next save or resume uploads them first.
 
 Work is spread over the ranks: each rank fsyncs, hashes, verifies and uploads the DCP files
 it wrote (`__R_*.distcp`), rank 0 the rest; the digests are gathered and rank 0 commits.
