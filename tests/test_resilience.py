@@ -25,6 +25,19 @@ def cli(*args, timeout=600, env=None):
                           timeout=timeout, env=env)
 
 
+def cli_here(capsys, *args):
+    """`ecdit ARGS` in this process (what the console script runs, minus the interpreter start)."""
+    from ecdit_dist.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:            # argparse refusing an argument
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 # ----------------------------------------------------------------------------- non-finite guard
 def test_divergent_lr_never_writes_a_nonfinite_checkpoint_and_stops(tmp_path):
     run = tmp_path / "run"
@@ -142,19 +155,20 @@ def tamper(run: Path, dest: Path, marker: Path) -> Path:
     return dest
 
 
-def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path):
+def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path, capsys):
     from ecdit_dist.data.storage import S3Storage
 
     marker = tmp_path / "PWNED"
     evil = tamper(small_run, tmp_path / "evil", marker)
     step = evil / "checkpoints" / "step-00000002"
     refused = "refers to builtins.exec, which DCP checkpoint metadata never holds"
-    attempts = {
-        "inspect": cli("convert", "inspect", step),
-        "inspect --no-verify": cli("convert", "inspect", step, "--no-verify"),
-        "export": cli("convert", "export", "--checkpoint", evil, "--out", tmp_path / "x"),
-        "merge": cli("convert", "merge", evil, small_run, "--out", tmp_path / "m"),
-        "sample": cli("sample", "--checkpoint", evil, "--steps", "2", "--per-prompt", "1", "--out", tmp_path / "s.png"),
+    attempts = {       # the readers in this process (a payload would run here too); training in its own
+        "inspect": cli_here(capsys, "convert", "inspect", step),
+        "inspect --no-verify": cli_here(capsys, "convert", "inspect", step, "--no-verify"),
+        "export": cli_here(capsys, "convert", "export", "--checkpoint", evil, "--out", tmp_path / "x"),
+        "merge": cli_here(capsys, "convert", "merge", evil, small_run, "--out", tmp_path / "m"),
+        "sample": cli_here(capsys, "sample", "--checkpoint", evil, "--steps", "2", "--per-prompt", "1", "--out",
+                           tmp_path / "s.png"),
         "resume": cli("train", "--config", TINY, "--set", *QUIET, f"run.dir={evil}", "train.steps=3",
                       "train.global_batch_size=8"),
     }
@@ -169,7 +183,7 @@ def test_tampered_metadata_runs_no_code_anywhere(small_run, s3, tmp_path):
         assert "Traceback" not in out.stderr, (what, out.stderr[-2000:])
     assert not marker.exists()
     assert not (tmp_path / "x").exists() and not (tmp_path / "m").exists()
-    good = cli("convert", "inspect", small_run, "--json")          # a legitimate checkpoint still loads
+    good = cli_here(capsys, "convert", "inspect", small_run, "--json")     # a legitimate checkpoint still loads
     assert good.returncode == 0 and json.loads(good.stdout)["matches_config"] is True
 
 
@@ -338,12 +352,15 @@ def test_stopped_mirror_fails_or_continues_and_resumes_after_restart(s3, tmp_pat
         storage.S3Storage.put_file = real
         if s3.proc is None:
             s3.start()
+    owed = json.loads((tmp_path / "r" / "checkpoints" / ".mirror-pending.json").read_text())
+    assert owed == ["step-00000002", "step-00000003"]                    # recorded in the run folder
     t = train_mirrored(tmp_path / "r", prefix, 4)
-    assert t.step == 4 and 4 in mirror_steps(prefix)
+    assert t.step == 4 and mirror_steps(prefix) == {2, 3, 4}             # the resume uploaded what was owed
+    assert not (tmp_path / "r" / "checkpoints" / ".mirror-pending.json").exists()
 
 
 # ----------------------------------------------------------------------------- smaller items
-def test_no_verify_skips_the_sha256_check(small_run, tmp_path):
+def test_no_verify_skips_the_sha256_check(small_run, tmp_path, capsys):
     import shutil
 
     run = tmp_path / "run"
@@ -353,14 +370,14 @@ def test_no_verify_skips_the_sha256_check(small_run, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x01
     shard.write_bytes(bytes(data))
-    checked = cli("convert", "inspect", step)
+    checked = cli_here(capsys, "convert", "inspect", step)
     assert checked.returncode == 2 and "does not match its sha256" in checked.stderr
-    unchecked = cli("convert", "inspect", step, "--no-verify", "--json")
+    unchecked = cli_here(capsys, "convert", "inspect", step, "--no-verify", "--json")
     assert unchecked.returncode == 0, unchecked.stderr[-2000:]
     assert "verified_files" not in json.loads(unchecked.stdout)
 
 
-def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path):
+def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path, capsys):
     from ecdit_dist.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="checkpoint.mirror must be s3://bucket/prefix"):
@@ -368,7 +385,7 @@ def test_bad_numbers_and_a_local_mirror_are_refused(tmp_path):
     for args in (["data", "synth", "--out", tmp_path / "d", "--shard-rows", "0"],
                  ["train", "--nproc", "0", "--config", TINY],
                  ["sample", "--checkpoint", tmp_path, "--steps", "0"]):
-        out = cli(*args, timeout=120)
+        out = cli_here(capsys, *args)
         assert out.returncode == 2 and "must be at least 1, got 0" in out.stderr, (args, out.stderr[-1000:])
     assert not (tmp_path / "d").exists()
 

@@ -10,8 +10,11 @@ Layout of `<run.dir>/checkpoints/`:
     .tmp-step-00000050/   a checkpoint being written; never loaded
 
 A checkpoint without a manifest, or whose files differ from it, is skipped on resume
-with a warning that names it. Retention keeps the newest `keep_last`, every `keep_every`-th
-step and the newest healthy one (saved after a finite step).
+with a warning that names it. With ECDIT_CHECKPOINT_KEY set, manifests are signed when
+written and an unsigned or wrongly signed one is refused wherever it is read (signing.py).
+Retention keeps the newest `keep_last`, every `keep_every`-th step and the newest healthy
+one (saved after a finite step). With a mirror, `.mirror-pending.json` lists the committed
+steps whose upload has not finished; the next save or resume uploads them first.
 
 Work is spread over the ranks: each rank fsyncs, hashes, verifies and uploads the DCP files
 it wrote (`__R_*.distcp`), rank 0 the rest; the digests are gathered and rank 0 commits.
@@ -33,14 +36,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ecdit_dist.checkpoint import signing
 from ecdit_dist.checkpoint.collective import Dist, failure_types
 from ecdit_dist.checkpoint.errors import CheckpointError
+from ecdit_dist.checkpoint.signing import SignatureError
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 RANK_FILE = re.compile(r"^__(\d+)_")
 MANIFEST = "manifest.json"
 META = "meta.json"
 OWNER = "owner.json"
+MIRROR_PENDING = ".mirror-pending.json"     # committed steps whose mirror upload has not finished
 
 __all__ = ["CheckpointError", "CheckpointManager", "Dist", "verify_checkpoint", "read_meta", "write_manifest"]
 
@@ -109,12 +115,13 @@ def digest_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(folder: Path, digests: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """manifest.json of `folder` from the given digests (default: hash every file here)."""
+    """manifest.json of `folder` from the given digests (default: hash every file here); signed
+    when ECDIT_CHECKPOINT_KEY is set."""
     if digests is None:
         names = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != MANIFEST]
         digests = digest_files(folder, names)
-    manifest = {"format": 1, "files": dict(sorted(digests.items()))}
+    manifest = signing.sign({"format": 1, "files": dict(sorted(digests.items()))})
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
@@ -130,6 +137,7 @@ def _safe_member(folder: Path, name: str) -> Path:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a committed checkpoint; with a key set, only a correctly signed one."""
     mpath = Path(folder) / MANIFEST
     if not mpath.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
@@ -141,6 +149,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: {MANIFEST} is unreadable") from None
     if ".metadata" not in files or META not in files:
         raise CheckpointError(f"{folder}: manifest lists no DCP .metadata or {META}")
+    signing.check(manifest, str(folder))
     return manifest
 
 
@@ -295,11 +304,13 @@ class CheckpointManager:
             os.replace(tmp, final)
             _fsync_dir(self.root)
             atomic_write_text(self.root / "latest", final.name + "\n")
+            if self.mirror:         # until its upload finishes, a later process finishes it
+                self._set_pending(self._pending_mirror() | {final.name})
             self._retain()
 
         d.agree(f"committing checkpoint step {step}", commit, on=0)
         if self.mirror:
-            self._mirror_upload(d, final)
+            self.resume_mirror_uploads(d)
 
     def _healthy(self, folder: Path) -> bool:
         try:
@@ -361,11 +372,45 @@ class CheckpointManager:
             if self.dist.rank == 0:
                 warnings.warn(f"the mirror is unreachable, training goes on (checkpoint.mirror_required=false): {e}",
                               stacklevel=2)
+            return
+        self.resume_mirror_uploads()        # what an earlier process of this run left unfinished
 
-    def _mirror_upload(self, d: Dist, folder: Path) -> None:
+    def _pending_mirror(self) -> set[str]:
+        try:
+            names = json.loads((self.root / MIRROR_PENDING).read_text())
+        except (OSError, ValueError):
+            return set()
+        return {n for n in names if isinstance(n, str) and step_of(n) is not None}
+
+    def _set_pending(self, names: set[str]) -> None:
+        if names:
+            atomic_write_text(self.root / MIRROR_PENDING, json.dumps(sorted(names)))
+        else:
+            (self.root / MIRROR_PENDING).unlink(missing_ok=True)
+
+    def resume_mirror_uploads(self, d: Dist | None = None) -> None:
+        """Collective: upload the committed checkpoints whose mirror upload has not finished, oldest
+        first (this process's newest commit, or those a killed or failed earlier process left; an
+        interrupted multipart upload resumes with the parts the server is missing)."""
+        if not self.mirror:
+            return
+        d = d or self.dist
+        pending = d.broadcast(sorted(self._pending_mirror(), key=step_of) if d.rank == 0 else None)
+        for name in pending:
+            folder = self.root / name
+            if not d.all_ok(folder.is_dir() and (folder / MANIFEST).is_file()):
+                if d.rank == 0:
+                    warnings.warn(f"{folder} was never fully uploaded to {self.mirror} and is gone from this "
+                                  f"machine; the mirror does not have it", stacklevel=2)
+                    self._set_pending(self._pending_mirror() - {name})
+                continue
+            if not self._mirror_upload(d, folder):
+                return                  # the mirror is failing (and not required): try again at the next save
+
+    def _mirror_upload(self, d: Dist, folder: Path) -> bool:
         """Copy a committed checkpoint to the mirror: each rank uploads its own files (checksums
         verified by the server), then rank 0 the manifest and `latest`, then retention on the
-        remote listing. With checkpoint.mirror_required=false a failure is a warning."""
+        remote listing. With checkpoint.mirror_required=false a failure is a warning (False)."""
         manifest = read_manifest(folder)
         remote = f"{self.mirror}/{folder.name}"
 
@@ -378,19 +423,27 @@ class CheckpointManager:
         def publish() -> None:
             s3 = self._s3()
             s3.put_file(folder / MANIFEST, f"{remote}/{MANIFEST}")
-            s3.put_bytes(f"{self.mirror}/latest", (folder.name + "\n").encode())
+            try:                        # `latest` never goes back to an older step uploaded late
+                newest = step_of(s3.read_bytes(f"{self.mirror}/latest").decode().strip())
+            except Exception:
+                newest = None
+            if newest is None or newest <= step_of(folder.name):
+                s3.put_bytes(f"{self.mirror}/latest", (folder.name + "\n").encode())
+            self._set_pending(self._pending_mirror() - {folder.name})
             self._retain_remote(s3)
 
         try:
             d.agree(f"uploading {folder.name} to {remote}", upload_mine)
             d.agree(f"publishing {folder.name} on {self.mirror}", publish, on=0)
+            return True
         except CheckpointError as e:
             if self.mirror_required:
                 raise CheckpointError(f"{e} (set checkpoint.mirror_required=false to keep training when the "
-                                      f"mirror fails)") from e
+                                      f"mirror fails; the upload resumes at the next save or resume)") from e
             if d.rank == 0:
-                warnings.warn(f"mirror upload failed, training goes on (checkpoint.mirror_required=false): {e}",
-                              stacklevel=2)
+                warnings.warn(f"mirror upload failed, training goes on (checkpoint.mirror_required=false; the "
+                              f"upload resumes at the next save or resume): {e}", stacklevel=2)
+            return False
 
     def remote_steps(self, s3) -> dict[int, list[str]]:
         """Steps on the mirror -> their object paths (every page of the listing)."""
@@ -441,8 +494,11 @@ class CheckpointManager:
                 try:
                     manifest = json.loads(self._s3().read_bytes(f"{remote}/{MANIFEST}"))
                     assert isinstance(manifest["files"], dict)
+                    signing.check(manifest, remote)
                     for file in manifest["files"]:
                         _safe_member(tmp, file)
+                except SignatureError:
+                    raise               # refused, never skipped in favour of an older one
                 except (DataError, CheckpointError, ValueError, KeyError, AssertionError, TypeError) as e:
                     warnings.warn(f"skipping mirrored checkpoint {remote}: {e}", stacklevel=3)
                     return None
@@ -495,11 +551,14 @@ class CheckpointManager:
         return sorted(s for p in self.root.iterdir() if (s := step_of(p.name)) is not None and p.is_dir())
 
     def _verify_share(self, folder: Path, full: bool) -> bool:
-        """This rank verifies its own files of `folder` (rank 0 also the manifest); warns on failure."""
+        """This rank verifies its own files of `folder` (rank 0 also the manifest); warns on failure.
+        A refused signature is raised: a tampered or foreign checkpoint stops the run, whatever is older."""
         d = self.dist
         try:
             verify_checkpoint(folder, full=full, only=lambda n: owner_rank(n, d.world) == d.rank)
             return True
+        except SignatureError:
+            raise
         except CheckpointError as e:
             warnings.warn(f"skipping checkpoint {folder}: {e} (found by rank {d.rank})", stacklevel=3)
             return False
@@ -510,7 +569,8 @@ class CheckpointManager:
         steps = self.dist.broadcast(self.committed_steps())
         for step in reversed(steps):
             folder = self.root / step_dir_name(step)
-            if self.dist.all_ok(self._verify_share(folder, full_verify)):
+            ok = self.dist.agree(f"verifying {folder}", lambda: self._verify_share(folder, full_verify))
+            if self.dist.all_ok(ok):
                 return folder
         return None
 

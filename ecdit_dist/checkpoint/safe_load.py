@@ -126,8 +126,43 @@ def _planner():
     return WeightsOnlyLoadPlanner()
 
 
-def read_metadata(folder: str | Path):
-    """The DCP Metadata of a checkpoint folder, read safely."""
+_checked: dict[str, tuple] = {}
+
+
+def check_signed(folder: str | Path) -> None:
+    """With ECDIT_CHECKPOINT_KEY set: the folder's manifest must be signed with that key and its
+    `.metadata` must be the one the manifest names (also when the sha256 check of every file is
+    skipped), before anything of the checkpoint is read. Without the key: nothing."""
+    from ecdit_dist.checkpoint import signing
+
+    if signing.key() is None:
+        return
+    import hashlib
+
+    from ecdit_dist.checkpoint.manager import read_manifest
+
+    folder = Path(folder)
+    try:
+        stamp = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in
+                      ((folder / n).stat() for n in ("manifest.json", ".metadata"))) + (signing.key_id(signing.key()),)
+    except OSError:
+        stamp = None
+    if stamp is not None and _checked.get(str(folder)) == stamp:
+        return                      # the same files, already checked with the same key (one tensor at a time)
+    entry = read_manifest(folder)["files"][".metadata"]      # refuses an unsigned or wrongly signed manifest
+    data = (folder / ".metadata").read_bytes()
+    if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise signing.SignatureError(f"{folder}: .metadata is not the file the signed manifest names (tampered "
+                                     f"with); do not use this checkpoint")
+    if stamp is not None:
+        _checked[str(folder)] = stamp
+
+
+def read_metadata(folder: str | Path, signed: bool = True):
+    """The DCP Metadata of a checkpoint folder, read safely; with a key set, the manifest's signature
+    is checked first (`signed=False`: a scratch folder this process has just written, with no manifest)."""
+    if signed:
+        check_signed(folder)
     return _reader_class()(str(folder)).read_metadata()
 
 

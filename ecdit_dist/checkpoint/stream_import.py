@@ -62,7 +62,7 @@ def _save_part(state: dict[str, Any], part: Path, target: Path, index: int):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, storage_writer=FileSystemWriter(str(part)))
-    md = safe_load.read_metadata(part)
+    md = safe_load.read_metadata(part, signed=False)      # written just above by this process
     renamed: dict[str, str] = {}
     for f in sorted(p.name for p in part.iterdir() if p.name != ".metadata"):
         renamed[f] = f"{RANK0}p{index:06d}-{f}"

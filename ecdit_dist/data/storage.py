@@ -22,7 +22,9 @@ from typing import BinaryIO, Callable
 
 
 class DataError(RuntimeError):
-    """A data or storage problem, naming the object and the cause."""
+    """A data or storage problem, naming the object and the cause (`code`: the S3 error code, if any)."""
+
+    code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,15 @@ def explain(url: str, e: Exception) -> DataError:
     """An exception from boto3 -> DataError naming the object and what to do (no secrets)."""
     code = _client_error_code(e)
     if code in DENIED or type(e).__name__ in DENIED:
-        return DataError(f"{url}: access denied ({code}); check the AWS credentials (environment, "
-                         f"~/.aws or instance role) and the bucket permissions")
-    if code in MISSING:
+        err = DataError(f"{url}: access denied ({code}); check the AWS credentials (environment, "
+                        f"~/.aws or instance role) and the bucket permissions")
+    elif code in MISSING:
         what = "bucket" if code == "NoSuchBucket" else "object"
-        return DataError(f"{url}: {what} not found ({code})")
-    return DataError(f"{url}: {code}: {redact(str(e))}")
+        err = DataError(f"{url}: {what} not found ({code})")
+    else:
+        err = DataError(f"{url}: {code}: {redact(str(e))}")
+    err.code = code
+    return err
 
 
 def redact(text: str) -> str:
@@ -109,16 +114,26 @@ def redact(text: str) -> str:
 
 
 class S3Storage:
-    """boto3-backed storage. `retries` attempts with exponential backoff on transient errors."""
+    """boto3-backed storage. `retries` attempts with exponential backoff on transient errors.
+    `put_file` sends files of `multipart_threshold` bytes or more in parts of `part_size` bytes,
+    `workers` at a time, resumably (see multipart.py)."""
 
     page_size: int | None = None
     """Keys per listing page (MaxKeys); None = the server's default (1000 on AWS)."""
 
     def __init__(self, retries: int = 5, backoff_s: float = 0.2, read_ahead: int = 256 << 10,
-                 page_size: int | None = None) -> None:
+                 page_size: int | None = None, part_size: int = 64 * 2**20,
+                 multipart_threshold: int = 64 * 2**20, workers: int = 4) -> None:
         import boto3
         from botocore.config import Config
 
+        from ecdit_dist.data.multipart import MIN_PART
+
+        if part_size < MIN_PART:
+            raise DataError(f"part_size={part_size}: S3 parts are at least {MIN_PART} bytes (5 MiB)")
+        if workers < 1:
+            raise DataError(f"workers={workers}: must be at least 1")
+        self.part_size, self.multipart_threshold, self.workers = part_size, max(multipart_threshold, 1), workers
         self.read_ahead = read_ahead
         self.retries = retries
         self.backoff_s = backoff_s
@@ -205,15 +220,33 @@ class S3Storage:
         return self.read_range(url, 0, size) if size else b""
 
     def put_file(self, local: str | Path, dest: str, sha256: str | None = None) -> None:
-        """Upload (multipart above 64 MiB, boto3 transfer) with an S3 SHA256 checksum per request
-        that the server verifies against the bytes it received (a mismatch is refused with
-        BadDigest), and the file's sha256 recorded in the object metadata."""
-        from boto3.s3.transfer import TransferConfig
+        """Upload with an S3 SHA256 checksum per request that the server verifies against the bytes
+        it received (a mismatch is refused with BadDigest), and the file's sha256 (`sha256`, else
+        computed) recorded in the object metadata. Files of `multipart_threshold` bytes or more go
+        in parts, resumably: a call after an interrupted one sends only the missing parts."""
+        from ecdit_dist.data import multipart
 
+        if not Path(local).is_file():
+            raise DataError(f"{local}: no such file to upload to {dest}")
+        if Path(local).stat().st_size >= self.multipart_threshold:
+            multipart.upload(self, local, dest, sha256 or sha256_of(local), self.part_size, self.workers)
+            return
         bucket, key = split_s3(dest)
-        extra = {"Metadata": {"sha256": sha256 or sha256_of(local)}, "ChecksumAlgorithm": "SHA256"}
-        cfg = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
-        self._call(dest, self.client.upload_file, str(local), bucket, key, ExtraArgs=extra, Config=cfg)
+        digest = hashlib.sha256()
+        with open(local, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        if sha256 is not None and sha256 != digest.hexdigest():
+            raise DataError(f"{local}: its sha256 is {digest.hexdigest()}, not the expected {sha256} (the file "
+                            f"changed after it was hashed); not uploaded to {dest}")
+
+        def put():
+            with open(local, "rb") as body:
+                return self.client.put_object(Bucket=bucket, Key=key, Body=body,
+                                              Metadata={"sha256": sha256 or digest.hexdigest()},
+                                              ChecksumSHA256=base64.b64encode(digest.digest()).decode())
+
+        self._call(dest, put)
 
     def put_bytes(self, dest: str, data: bytes) -> None:
         bucket, key = split_s3(dest)
