@@ -2,8 +2,9 @@
 
 Expert choice gives every expert exactly C tokens per group, and token choice a fixed number
 of slots (empty ones carry gate 0), so the dispatch buffer (E, T, d) splits into equal
-chunks: the MoE layer gathers it in `expert_order` (local slot, destination), the all-to-all (one call per local expert slot, autograd-aware, no count
-exchange, no host sync) delivers to each owner its experts' tokens from all ep ranks as the
+chunks: the MoE layer gathers it in `expert_order` (local slot, destination), the
+all-to-all (one call per local expert slot, autograd-aware, no count exchange, no host
+sync) delivers to each owner its experts' tokens from all ep ranks as the
 (E/ep, ep*T, d) input of one batched matmul, and the same exchange returns the results.
 Neither side copies or reshuffles the buffer. `parallel.ep_exchange=single` instead sends the
 buffer in natural expert order with one all_to_all_single per direction and one permute copy
