@@ -172,10 +172,8 @@ def test_expert_parallel_layer_equals_one_process(router, exchange, gemm, moe_la
     torch.testing.assert_close(router_grad, results[0]["ref_router_grad"], rtol=1e-4, atol=1e-6)
 
 
-def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 180):
-    """Run the real entry point under torchrun; on timeout kill every rank, not just torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ecdit_dist.train", "--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
+def _run_group(cmd: list[str], timeout: int):
+    """Run `cmd` in its own session; on timeout kill every process of it (torchrun and its ranks)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -183,8 +181,15 @@ def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 1
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise AssertionError(f"torchrun {overrides} did not finish within {timeout}s")
+        raise AssertionError(f"{cmd[-8:]} did not finish within {timeout}s")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 180):
+    """Run the real entry point under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ecdit_dist.train", "--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
+    return _run_group(cmd, timeout)
 
 
 BAD_LAYOUTS = [
@@ -217,16 +222,6 @@ def test_bad_layout_under_torchrun_exits_with_the_message(tmp_path):
     assert out.returncode != 0 and "parallel.ep (3) must divide moe.num_experts (4)" in out.stderr
 
 
-def test_torchrun_entry_writes_global_mean_loss(tmp_path):
-    out = _torchrun(4, ["parallel.tp=2", "parallel.ep=2", "train.steps=3", "logging.interval=1"], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    from ecdit_dist.metrics import read_metrics
-
-    losses = [r["loss"] for r in read_metrics(tmp_path)]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert (tmp_path / "checkpoints" / "step-00000003" / "manifest.json").exists()
-
-
 def test_dead_peer_raises_instead_of_hanging(tmp_path):
     with pytest.raises(AssertionError) as info:
         run_ranks(dead_peer, 2, tmp_path / "ranks", str(tmp_path / "run"), timeout=150)
@@ -234,10 +229,16 @@ def test_dead_peer_raises_instead_of_hanging(tmp_path):
     assert (tmp_path / "ranks" / "rank0.err").exists()
 
 
-def test_ecdit_train_nproc_starts_torchrun(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ecdit_dist.cli", "train", "--nproc", "2", "--config", str(TINY),
-                          "--set", f"run.dir={tmp_path}", "train.steps=2", "parallel.ep=2", *QUIET],
-                         capture_output=True, text=True, timeout=240, start_new_session=True)
+def test_ecdit_train_nproc_starts_torchrun_and_writes_global_mean_loss(tmp_path):
+    """`ecdit train --nproc 4` execs torchrun on the real entry point (python -m
+    ecdit_dist.train): tp2 x ep2 trains, logs the global mean loss and commits a checkpoint."""
+    out = _run_group([sys.executable, "-m", "ecdit_dist.cli", "train", "--nproc", "4", "--config", str(TINY),
+                      "--set", f"run.dir={tmp_path}", "train.steps=3", "logging.interval=1", "parallel.tp=2",
+                      "parallel.ep=2", *QUIET], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "world 2 = dp_replicate 1 x dp_shard 2 x tp 1; ep 2" in out.stdout
-    assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
+    assert "world 4 = dp_replicate 1 x dp_shard 2 x tp 2; ep 2" in out.stdout
+    from ecdit_dist.metrics import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (tmp_path / "checkpoints" / "step-00000003" / "manifest.json").exists()
