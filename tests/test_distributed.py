@@ -173,7 +173,7 @@ def test_expert_parallel_layer_equals_one_process(router, exchange, gemm, moe_la
 
 
 def _run_group(cmd: list[str], timeout: int):
-    """Run `cmd` in its own session; on timeout kill every process of it (torchrun and its ranks)."""
+    """Run `cmd` as a new process group; on timeout kill all of it (torchrun and its ranks)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
