@@ -95,7 +95,10 @@ def measure(rank: int, world: int, overrides: list[str], run_dir: str) -> dict[s
         with SavedBytes(model) as saved:
             loss = trainer.forward_loss(latents[sl], text[sl], mask[sl], draws.noise[sl], draws.t[sl],
                                         draws.keep[sl] if draws.keep is not None else None, draws.drop_text[sl])
-        out["activations"] = saved.total
+        # plus the exchange outputs checkpointed blocks keep for their recompute (not autograd's)
+        from ecdit_dist.parallel.ac import held_exchange_bytes
+
+        out["activations"] = saved.total + held_exchange_bytes()
         del loss
 
         # one full step: FLOPs and the bytes handed to all_to_all_single

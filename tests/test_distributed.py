@@ -1,4 +1,7 @@
-"""Every parallel layout equals one process: outputs, gradients, 5 optimizer steps (CPU, gloo)."""
+"""Every parallel layout equals one process: outputs, gradients, 5 optimizer steps (CPU, gloo).
+
+The spawned processes are the cost: the layouts of one world size share one spawn and one
+process group, and the one-process references are computed once per model variant."""
 
 import math
 import os
@@ -12,12 +15,12 @@ import pytest
 import torch
 
 from ecdit_dist.parallel.local import run_ranks
-from workers import EQUIV, QUIET, TINY, cli_train, collect, dead_peer, equivalence, moe_layer
+from workers import EQUIV, QUIET, TINY, cli_train_each, collect, dead_peer, equivalence, moe_layers
 
 pytestmark = pytest.mark.slow
 
 STEPS = 5
-# name: (world, overrides)
+# name: (world, overrides). The layouts of one world run one after the other in one spawn.
 LAYOUTS = {
     "1-rank": (1, []),
     "dp2": (2, []),
@@ -30,7 +33,10 @@ LAYOUTS = {
     "tp2-ep2-token-choice": (4, ["moe.router=token_choice", "parallel.tp=2", "parallel.ep=2"]),
     "ep2-checkpointing-accumulation": (2, ["parallel.ep=2", "train.activation_checkpointing=true",
                                            "train.micro_batch_size=4"]),
+    "tp2-ep2-checkpointing": (4, ["parallel.tp=2", "parallel.ep=2", "train.activation_checkpointing=true"]),
 }
+# checkpointed layout: the same layout without checkpointing, whose exchanges it must not exceed
+CHECKPOINTED = {"ep2-checkpointing-accumulation": "ep2", "tp2-ep2-checkpointing": "tp2-ep2"}
 MODEL_KEYS = ("moe.router",)
 
 
@@ -53,6 +59,29 @@ def references(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """Every layout of one world size run in one spawn of that many ranks, once per module:
+    world -> {layout: [result of rank 0, rank 1, ...]}."""
+    cache: dict[int, object] = {}
+
+    def get(world):
+        if world not in cache:
+            layouts = {name: o for name, (w, o) in LAYOUTS.items() if w == world}
+            tmp = tmp_path_factory.mktemp(f"world{world}")
+            try:
+                ranks = run_ranks(equivalence, world, tmp / "ranks", layouts, str(tmp / "run"), STEPS,
+                                  timeout=300 + 150 * len(layouts))
+                cache[world] = {name: [r[name] for r in ranks] for name in layouts}
+            except AssertionError as e:      # one failure, reported by each of its layouts, run once
+                cache[world] = e
+        if isinstance(cache[world], AssertionError):
+            raise cache[world]
+        return cache[world]
+
+    return get
+
+
 def expected_shard(name: str, full: int, world: int, overrides: list[str]) -> int:
     opts = dict(o.split("=") for o in overrides if o.startswith("parallel."))
     rep, tp, ep = int(opts.get("parallel.dp_replicate", 1)), int(opts.get("parallel.tp", 1)), int(opts.get("parallel.ep", 1))
@@ -67,9 +96,9 @@ def expected_shard(name: str, full: int, world: int, overrides: list[str]) -> in
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_one_process(layout, references, tmp_path):
+def test_layout_equals_one_process(layout, references, spawned):
     world, overrides = LAYOUTS[layout]
-    results = run_ranks(equivalence, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), STEPS, timeout=420)
+    results = spawned(world)[layout]
     got, ref = results[0], references(overrides)
 
     torch.testing.assert_close(got["pred"], ref["pred"], rtol=1e-4, atol=1e-5, msg=f"{layout}: forward output")
@@ -93,13 +122,44 @@ def test_layout_equals_one_process(layout, references, tmp_path):
             assert r["shards"][name] == want, (layout, rank, name, r["shards"][name], want)
 
 
-@pytest.mark.parametrize("router,exchange,gemm", [
-    ("expert_choice", "per_expert", "auto"), ("expert_choice", "single", "auto"),
-    ("expert_choice", "single", "mm_loop"), ("token_choice", "auto", "auto")])
-def test_expert_parallel_layer_equals_one_process(router, exchange, gemm, tmp_path):
+@pytest.mark.parametrize("layout", list(CHECKPOINTED))
+def test_checkpointing_repeats_no_exchange(layout, spawned):
+    """The recompute of a checkpointed block reuses its all-to-all and tp-gather outputs: per
+    micro-batch a training step sends exactly as many as without checkpointing, namely (per
+    exchange form per_expert, the gloo default) E/ep calls for each of dispatch and combine,
+    forward and backward, in each MoE layer; and one tp gather forward, one backward."""
+    world, overrides = LAYOUTS[layout]
+    plain = CHECKPOINTED[layout]
+    runs = spawned(world)
+    ep = int(dict(o.split("=") for o in overrides)["parallel.ep"])
+    tp = int(dict(o.split("=") for o in overrides).get("parallel.tp", 1))
+    moe_layers, experts = 2, 4                                   # the tiny config
+    for rank in range(world):
+        got, base = runs[layout][rank], runs[plain][rank]
+        per_micro = {k: v / got["micro_batches"] for k, v in got["exchanges"].items()}
+        base_per_micro = {k: v / base["micro_batches"] for k, v in base["exchanges"].items()}
+        assert per_micro == base_per_micro, (layout, rank, got["exchanges"], base["exchanges"])
+        assert per_micro["all_to_all"] == moe_layers * 4 * (experts // ep), (layout, rank, per_micro)
+        assert per_micro["tp_gather"] == (moe_layers * 2 if tp > 1 else 0), (layout, rank, per_micro)
+
+
+CASES = [("expert_choice", "per_expert", "auto"), ("expert_choice", "single", "auto"),
+         ("expert_choice", "single", "mm_loop"), ("token_choice", "single", "auto")]
+
+
+@pytest.fixture(scope="module")
+def moe_layer_runs(tmp_path_factory):
+    """Every case of the expert-parallel layer test in one spawn of 4 ranks (ep = 4)."""
     seed = random.SystemRandom().randrange(2**31)
-    world = 4
-    results = run_ranks(moe_layer, world, tmp_path, seed, router, exchange, gemm, timeout=240)
+    results = run_ranks(moe_layers, 4, tmp_path_factory.mktemp("moe"), seed, CASES, timeout=300)
+    return seed, {case: [r[i] for r in results] for i, case in enumerate(CASES)}
+
+
+@pytest.mark.parametrize("router,exchange,gemm", CASES)
+def test_expert_parallel_layer_equals_one_process(router, exchange, gemm, moe_layer_runs):
+    seed, runs = moe_layer_runs
+    results = runs[(router, exchange, gemm)]
+    world = len(results)
     router_grad = sum(r["router_grad"] for r in results)
     if router == "expert_choice" and gemm == "auto":    # timings summed over ranks: one plan everywhere
         assert len(results[0]["plans"]) == 1 and all(r["plans"] == results[0]["plans"] for r in results)
@@ -108,13 +168,12 @@ def test_expert_parallel_layer_equals_one_process(router, exchange, gemm, tmp_pa
         torch.testing.assert_close(r["out"], r["ref_out"], rtol=1e-5, atol=1e-6, msg=f"seed {seed} rank {rank}")
         torch.testing.assert_close(r["dx"], r["ref_dx"], rtol=1e-5, atol=1e-6, msg=f"seed {seed} rank {rank}")
         torch.testing.assert_close(r["w1_grad"], r["ref_w1_grad"], rtol=1e-4, atol=1e-6, msg=f"seed {seed}")
+        assert r["host_syncs"] == [], (rank, r["host_syncs"])
     torch.testing.assert_close(router_grad, results[0]["ref_router_grad"], rtol=1e-4, atol=1e-6)
 
 
-def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 180):
-    """Run the real entry point under torchrun; on timeout kill every rank, not just torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ecdit_dist.train", "--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
+def _run_group(cmd: list[str], timeout: int):
+    """Run `cmd` as a new process group; on timeout kill all of it (torchrun and its ranks)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -122,36 +181,45 @@ def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 1
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise AssertionError(f"torchrun {overrides} did not finish within {timeout}s")
+        raise AssertionError(f"{cmd[-8:]} did not finish within {timeout}s")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("overrides,message", [
+def _torchrun(nproc: int, overrides: list[str], tmp_path: Path, timeout: int = 180):
+    """Run the real entry point under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ecdit_dist.train", "--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
+    return _run_group(cmd, timeout)
+
+
+BAD_LAYOUTS = [
     (["parallel.ep=3"], "parallel.ep (3) must divide moe.num_experts (4)"),
     (["parallel.tp=4"], "model.num_kv_heads (2) must be divisible by parallel.tp (4)"),
     (["parallel.dp_shard=3"], "but the world size is 4"),
     (["parallel.tp=2", "moe.group_size=512"], "moe.group_size (512) must divide the tokens each rank routes"),
-])
-def test_bad_layout_fails_on_every_rank_without_hanging(overrides, message, tmp_path):
-    argv = ["--config", str(TINY), "--set", f"run.dir={tmp_path}", *QUIET, *overrides]
-    results = run_ranks(cli_train, 4, tmp_path / "ranks", argv, timeout=120)
-    for rank, (code, err) in enumerate(results):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_layout_runs(tmp_path_factory):
+    """`ecdit train` with every bad layout, one after the other in one spawn of 4 ranks."""
+    tmp = tmp_path_factory.mktemp("bad")
+    argvs = [["--config", str(TINY), "--set", f"run.dir={tmp}/{i}", *QUIET, *overrides]
+             for i, (overrides, _) in enumerate(BAD_LAYOUTS)]
+    return run_ranks(cli_train_each, 4, tmp / "ranks", argvs, timeout=120)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_LAYOUTS)), ids=[" ".join(o) for o, _ in BAD_LAYOUTS])
+def test_bad_layout_fails_on_every_rank_without_hanging(case, bad_layout_runs):
+    message = BAD_LAYOUTS[case][1]
+    for rank, per_rank in enumerate(bad_layout_runs):
+        code, err = per_rank[case]
         assert code == 2 and f"error (rank {rank}): " in err and message in err, (rank, err)
 
 
 def test_bad_layout_under_torchrun_exits_with_the_message(tmp_path):
     out = _torchrun(4, ["parallel.ep=3"], tmp_path)
     assert out.returncode != 0 and "parallel.ep (3) must divide moe.num_experts (4)" in out.stderr
-
-
-def test_torchrun_entry_writes_global_mean_loss(tmp_path):
-    out = _torchrun(4, ["parallel.tp=2", "parallel.ep=2", "train.steps=3", "logging.interval=1"], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    from ecdit_dist.metrics import read_metrics
-
-    losses = [r["loss"] for r in read_metrics(tmp_path)]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert (tmp_path / "checkpoints" / "step-00000003" / "manifest.json").exists()
 
 
 def test_dead_peer_raises_instead_of_hanging(tmp_path):
@@ -161,10 +229,16 @@ def test_dead_peer_raises_instead_of_hanging(tmp_path):
     assert (tmp_path / "ranks" / "rank0.err").exists()
 
 
-def test_ecdit_train_nproc_starts_torchrun(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ecdit_dist.cli", "train", "--nproc", "2", "--config", str(TINY),
-                          "--set", f"run.dir={tmp_path}", "train.steps=2", "parallel.ep=2", *QUIET],
-                         capture_output=True, text=True, timeout=240, start_new_session=True)
+def test_ecdit_train_nproc_starts_torchrun_and_writes_global_mean_loss(tmp_path):
+    """`ecdit train --nproc 4` execs torchrun on the real entry point (python -m
+    ecdit_dist.train): tp2 x ep2 trains, logs the global mean loss and commits a checkpoint."""
+    out = _run_group([sys.executable, "-m", "ecdit_dist.cli", "train", "--nproc", "4", "--config", str(TINY),
+                      "--set", f"run.dir={tmp_path}", "train.steps=3", "logging.interval=1", "parallel.tp=2",
+                      "parallel.ep=2", *QUIET], timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "world 2 = dp_replicate 1 x dp_shard 2 x tp 1; ep 2" in out.stdout
-    assert (tmp_path / "checkpoints" / "step-00000002").is_dir()
+    assert "world 4 = dp_replicate 1 x dp_shard 2 x tp 2; ep 2" in out.stdout
+    from ecdit_dist.metrics import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (tmp_path / "checkpoints" / "step-00000003" / "manifest.json").exists()

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ecdit_dist.model.moe import ExpertChoiceMoE, TokenChoiceMoE, expert_capacity
+from ecdit_dist.model.routing import token_choice
+from workers import HostSyncCounter
 
 
 def fresh_seed() -> int:
@@ -136,7 +138,8 @@ def gshard_reference(x, router_w, w1, w2, k, g, cap):
     return out.view_as(x), aux / G
 
 
-@pytest.mark.parametrize("E,k,g,cap_factor", [(4, 2, 16, 1.0), (8, 2, 32, None), (4, 1, 8, 0.5), (6, 2, 12, 1.25)])
+@pytest.mark.parametrize("E,k,g,cap_factor", [(4, 2, 16, 1.0), (8, 2, 32, None), (4, 1, 8, 0.5), (6, 2, 12, 1.25),
+                                              (5, 3, 10, 0.7)])
 def test_token_choice_equals_gshard_reference_float64(E, k, g, cap_factor):
     seed = fresh_seed()
     d, h = 10, 14
@@ -166,3 +169,55 @@ def test_token_choice_balanced_router_has_aux_loss_one():
         moe.router.weight.zero_()       # uniform probabilities: P_e = 1/E, loss = E * sum f_e / E = 1
     moe(torch.randn(1, 8, 8))
     assert moe.aux_loss.item() == pytest.approx(1.0)
+
+
+def test_token_choice_slots_are_static_and_filled_in_priority_order():
+    seed = fresh_seed()
+    G, g, E, k, cap = 3, 12, 4, 2, 5
+    logits = torch.randn(G, g, E)
+    choice = token_choice(logits, k, cap)
+    assert choice.rows.shape == choice.gate.shape == choice.filled.shape == (E, G * cap)
+    top_e = logits.topk(k, dim=-1).indices                                       # (G, g, k)
+    for grp in range(G):
+        for e in range(E):
+            # assignments to e in priority order: first choices by position, then second choices
+            wanted = [grp * g + i for r in range(k) for i in range(g) if top_e[grp, i, r] == e][:cap]
+            slots = slice(grp * cap, (grp + 1) * cap)
+            got = choice.rows[e, slots][choice.filled[e, slots]].tolist()
+            assert got == wanted, f"seed {seed}: expert {e} group {grp}"
+            assert (choice.gate[e, slots][~choice.filled[e, slots]] == 0).all()
+            assert (choice.gate[e, slots][choice.filled[e, slots]] > 0).all()
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_moe_layer_has_no_host_sync(router):
+    """Forward and backward of a MoE layer issue no host-device synchronisation."""
+    fresh_seed()
+    if router == "token_choice":
+        moe = TokenChoiceMoE(8, 16, 4, top_k=2, token_capacity_factor=1.0, group_size=16)
+    else:
+        moe = ExpertChoiceMoE(8, 16, 4, 2.0, group_size=16, expert_gemm="mm_loop")
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    with HostSyncCounter() as syncs:
+        out = moe(x)
+        loss = out.square().sum() + (moe.aux_loss if moe.aux_loss is not None else 0)
+        loss.backward()
+    assert syncs.events == []
+    assert x.grad.abs().sum() > 0
+
+
+def test_host_sync_counter_sees_every_kind_of_sync():
+    x = torch.randn(6)
+    with HostSyncCounter() as syncs:
+        x.sum().item()
+        x.tolist()
+        x[x > 0]
+        x.masked_select(x > 0)
+        (x > 0).nonzero()
+        torch.bincount((x > 0).long())
+        torch.unique((x > 0).long())
+        torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 1]))
+    kinds = " ".join(syncs.events)
+    for name in ("_local_scalar_dense", "tolist", "boolean mask", "masked_select", "nonzero", "bincount", "unique",
+                 "repeat_interleave"):
+        assert name in kinds, (name, syncs.events)

@@ -72,31 +72,104 @@ def collect(trainer, steps: int) -> dict[str, Any]:
                      for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     out["init"] = {clean_fqn(n): _full(p) for n, p in model.named_parameters()}
-    out["losses"] = [float(trainer.train_step(s)["loss"]) for s in range(steps)]
+    tp_group = trainer.dims.group("dense", "tp") if trainer.dims.tp > 1 else None
+    with ExchangeAudit(tp_group) as audit:                  # the collectives of one full step
+        out["losses"] = [float(trainer.train_step(0)["loss"])]
+    out["exchanges"] = dict(audit.calls)
+    cfg = trainer.cfg.train
+    out["micro_batches"] = cfg.global_batch_size // trainer.dims.dp // (cfg.micro_batch_size or
+                                                                       cfg.global_batch_size // trainer.dims.dp)
+    out["losses"] += [float(trainer.train_step(s)["loss"]) for s in range(1, steps)]
     out["params"] = {clean_fqn(n): _full(p) for n, p in model.named_parameters()}
     return out
 
 
-def equivalence(rank: int, world: int, overrides: list[str], run_dir: str, steps: int) -> dict[str, Any] | None:
+class ExchangeAudit:
+    """Counts, while active, the calls of all_to_all_single (expert parallelism: FSDP does not use
+    it) and the all-gathers on the tensor-parallel group (the MoE token gather; FSDP gathers on
+    its own groups)."""
+
+    def __init__(self, tp_group=None) -> None:
+        self.tp_group = tp_group
+        self.calls = {"all_to_all": 0, "tp_gather": 0}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.real = {name: getattr(dist, name) for name in ("all_to_all_single", "all_gather_single",
+                                                            "all_gather_into_tensor") if hasattr(dist, name)}
+
+        def a2a(*args, **kwargs):
+            self.calls["all_to_all"] += 1
+            return self.real["all_to_all_single"](*args, **kwargs)
+
+        def gather(name):
+            def call(*args, **kwargs):
+                group = kwargs.get("group", args[2] if len(args) > 2 else None)
+                if self.tp_group is not None and group is self.tp_group:
+                    self.calls["tp_gather"] += 1
+                return self.real[name](*args, **kwargs)
+            return call
+
+        dist.all_to_all_single = a2a
+        for name in self.real:
+            if name != "all_to_all_single":
+                setattr(dist, name, gather(name))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self.real.items():
+            setattr(dist, name, fn)
+        return False
+
+
+def equivalence(rank: int, world: int, layouts: dict[str, list[str]], run_dir: str,
+                steps: int) -> dict[str, dict[str, Any]]:
+    """`collect` for every layout (name -> overrides) of this world, one after the other in one
+    process group (a spawn and a process group per layout would cost more than the runs)."""
+    import torch.distributed as dist
+
     from ecdit_dist.config import load_config
     from ecdit_dist.train import Trainer
 
-    cfg = load_config(TINY, [*EQUIV, *overrides, f"run.dir={run_dir}", *QUIET])
-    trainer = Trainer(cfg)
+    results = {}
     try:
-        result = collect(trainer, steps)
+        for name, overrides in layouts.items():
+            trainer = Trainer(load_config(TINY, [*EQUIV, *overrides, f"run.dir={run_dir}/{name}", *QUIET]))
+            try:
+                result = collect(trainer, steps)
+            finally:
+                trainer.preemption.uninstall()
+                trainer.data.close()
+            keep = ("shards", "exchanges", "micro_batches")
+            results[name] = result if rank == 0 else {k: result[k] for k in keep}
     finally:
-        trainer.close()
-    return result if rank == 0 else {"shards": result["shards"]}
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return results
+
+
+def moe_layers(rank: int, world: int, seed: int, cases: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """`moe_layer` for every (router, exchange, gemm) case, in one process group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        return [moe_layer(rank, world, seed, *case) for case in cases]
+    finally:
+        dist.destroy_process_group()
 
 
 def moe_layer(rank: int, world: int, seed: int, router: str, exchange: str = "auto",
               gemm: str = "auto") -> dict[str, Any]:
     """One expert-parallel MoE layer (ep = world) against the same layer in one process, with the
-    given all-to-all form and expert GEMM form (auto: chosen from timings summed over ranks)."""
+    given all-to-all form and expert GEMM form (auto: chosen from timings summed over ranks);
+    then the host syncs of one more forward and backward. Token choice has a capacity that
+    drops assignments. Needs the default process group."""
     import copy
 
-    import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
     from ecdit_dist.model import expert_gemm
@@ -104,41 +177,42 @@ def moe_layer(rank: int, world: int, seed: int, router: str, exchange: str = "au
     from ecdit_dist.parallel.ep import apply_expert_parallel
     from ecdit_dist.parallel.gemm_agreement import agree_on_expert_gemm
 
-    dist.init_process_group("gloo")
-    try:
-        torch.manual_seed(seed)
-        d, E, g = 16, 8, 16
-        if router == "expert_choice":
-            layer = ExpertChoiceMoE(d, 32, E, 2.0, g, expert_gemm=gemm)
-        else:
-            layer = TokenChoiceMoE(d, 32, E, top_k=2, token_capacity_factor=None, group_size=g)
-        with torch.no_grad():
-            layer.router.weight.normal_()
-        ref = copy.deepcopy(layer)
-        x_all, probe = torch.randn(world, 4, g, d), torch.randn(world, 4, g, d)   # each rank: 4 x 16 tokens
-        x_ref = x_all.clone().requires_grad_(True)
-        ref_out = torch.stack([ref(x_ref[r]) for r in range(world)])             # every rank's tokens, one process
-        (ref_out * probe).sum().backward()
+    torch.manual_seed(seed)
+    d, E, g = 16, 8, 16
+    if router == "expert_choice":
+        layer = ExpertChoiceMoE(d, 32, E, 2.0, g, expert_gemm=gemm)
+    else:
+        layer = TokenChoiceMoE(d, 32, E, top_k=2, token_capacity_factor=1.0, group_size=g)
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    ref = copy.deepcopy(layer)
+    x_all, probe = torch.randn(world, 4, g, d), torch.randn(world, 4, g, d)   # each rank: 4 x 16 tokens
+    x_ref = x_all.clone().requires_grad_(True)
+    ref_out = torch.stack([ref(x_ref[r]) for r in range(world)])             # every rank's tokens, one process
+    (ref_out * probe).sum().backward()
 
-        holder = torch.nn.Module()
-        holder.moe_layers = lambda: [layer]
-        apply_expert_parallel(holder, DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("ep",)), exchange)
-        expert_gemm.clear_cache()
-        agree_on_expert_gemm(holder)
-        x = x_all[rank].clone().requires_grad_(True)
-        out = layer(x)
-        (out * probe[rank]).sum().backward()
-        e_local = E // world
-        return {
-            "out": out.detach(), "ref_out": ref_out[rank].detach(),
-            "dx": x.grad, "ref_dx": x_ref.grad[rank],
-            "w1_grad": layer.experts.w1.grad.to_local(), "ref_w1_grad": ref.experts.w1.grad[rank * e_local:(rank + 1) * e_local],
-            "w1_shape": tuple(layer.experts.w1.to_local().shape),
-            "router_grad": layer.router.weight.grad, "ref_router_grad": ref.router.weight.grad,
-            "plans": [plan for plan, _ in expert_gemm.chosen().values()],
-        }
-    finally:
-        dist.destroy_process_group()
+    holder = torch.nn.Module()
+    holder.moe_layers = lambda: [layer]
+    apply_expert_parallel(holder, DeviceMesh("cpu", torch.arange(world), mesh_dim_names=("ep",)), exchange)
+    expert_gemm.clear_cache()
+    agree_on_expert_gemm(holder)
+    x = x_all[rank].clone().requires_grad_(True)
+    out = layer(x)
+    (out * probe[rank]).sum().backward()
+    e_local = E // world
+    result = {
+        "out": out.detach(), "ref_out": ref_out[rank].detach(),
+        "dx": x.grad.clone(), "ref_dx": x_ref.grad[rank],
+        "w1_grad": layer.experts.w1.grad.to_local().clone(),
+        "ref_w1_grad": ref.experts.w1.grad[rank * e_local:(rank + 1) * e_local],
+        "w1_shape": tuple(layer.experts.w1.to_local().shape),
+        "router_grad": layer.router.weight.grad.clone(), "ref_router_grad": ref.router.weight.grad,
+        "plans": [plan for plan, _ in expert_gemm.chosen().values()],
+    }
+    with HostSyncCounter() as syncs:
+        (layer(x) * probe[rank]).sum().backward()
+    result["host_syncs"] = syncs.events
+    return result
 
 
 def dead_peer(rank: int, world: int, run_dir: str) -> None:
@@ -193,6 +267,11 @@ def cli_train(rank: int, world: int, argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stderr(err):
         code = main(argv)
     return code, err.getvalue()
+
+
+def cli_train_each(rank: int, world: int, argvs: list[list[str]]) -> list[tuple[int, str]]:
+    """`cli_train` for each argv in turn (each expected to fail before training)."""
+    return [cli_train(rank, world, argv) for argv in argvs]
 
 
 def deepspeed_checkpoint(rank: int, world: int, ds_dir: str, stage: int) -> dict[str, Any]:
@@ -367,3 +446,55 @@ def free_closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class HostSyncCounter:
+    """Counts, while active, the operations that make the host wait for the device: reading a
+    value back (`item`, `tolist`: aten._local_scalar_dense), and ops whose output size depends on
+    the data (nonzero, masked_select, boolean-mask indexing, bincount, unique, repeat_interleave).
+    On CPU nothing waits, but the same calls are syncs on CUDA; `events` lists what was seen.
+    (A minimal local counter; a shared one can replace it with the same use: `with C() as c`.)"""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        syncing = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten._unique,
+                   aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.repeat_interleave}
+        events = self.events
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                packet = func.overloadpacket
+                if packet in syncing:
+                    events.append(str(func))
+                elif packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+                    indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+                    if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
+                        events.append(f"{func} (boolean mask)")
+                return func(*args, **kwargs)
+
+        real_tolist = torch.Tensor.tolist
+
+        def tolist(t):
+            events.append("Tensor.tolist")
+            return real_tolist(t)
+
+        self._real_tolist = real_tolist
+        torch.Tensor.tolist = tolist
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        torch.Tensor.tolist = self._real_tolist
+        return False

@@ -7,6 +7,9 @@ stacked weights, in the GEMM call forms that are fastest on the backend at hand 
 `ecdit_dist.model.expert_gemm`). The one-hot einsum of Algorithm 1 is kept only as the
 test reference.
 
+Token choice (GShard) fills the same kind of buffer: every expert has a fixed number of
+slots per group, and empty slots carry gate 0.
+
 The dispatch buffer is expert-major, (E, G*C, d): expert parallelism (see
 `ecdit_dist.parallel.ep`) splits its first axis over ranks with one all-to-all and
 nothing else changes here.
@@ -73,17 +76,13 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
-        """x (E_local, T, d) -> (E_local, T, d); or, with `counts`, x (sum(counts), d) sorted by
-        expert, counts[e] rows for local expert e (uneven batches, token choice)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (E_local, T, d) -> (E_local, T, d): every local expert on its T rows."""
         w1, w2 = _local(self.w1), _local(self.w2)
-        if counts is None:
-            E, T, d = x.shape
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            plan = plan_for(E, T, d, w1.shape[-1], dtype, x.device, self.gemm, self.gemm_agreement)
-            return expert_ffn(x, w1, w2, plan)                   # (E_local, T, d)
-        outs = [F.gelu(xe @ w1[e], approximate="tanh") @ w2[e] for e, xe in enumerate(torch.split(x, counts))]
-        return torch.cat(outs) if outs else x
+        E, T, d = x.shape
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        plan = plan_for(E, T, d, w1.shape[-1], dtype, x.device, self.gemm, self.gemm_agreement)
+        return expert_ffn(x, w1, w2, plan)                       # (E_local, T, d)
 
     def init_weights(self) -> None:
         d, h = self.w1.shape[-2:]
@@ -104,6 +103,10 @@ class _MoEBase(nn.Module):
         self.experts = GroupedExperts(num_experts, dim, ffn_dim, expert_gemm)
         self.stats: torch.Tensor | None = None       # (3,) experts/token mean, max, unchosen share
         self.aux_loss: torch.Tensor | None = None
+        # Order of the experts along the dispatch buffer; None = 0..E-1. Expert parallelism sets a
+        # permutation that makes every all-to-all chunk contiguous (see parallel/ep.py).
+        self.expert_order: torch.Tensor | None = None
+        self._order_cache: torch.Tensor | None = None
 
     def current_group_size(self, num_tokens: int) -> int:
         g = self.group_size if self.training else self.eval_group_size
@@ -125,62 +128,25 @@ class _MoEBase(nn.Module):
             return F.linear(x, at_least_fp32(self.router.weight))
 
     @torch.no_grad()
-    def _record(self, token_index: torch.Tensor, num_tokens: int) -> None:
+    def _record(self, token_index: torch.Tensor, num_tokens: int, filled: torch.Tensor | None = None) -> None:
+        """Routing statistics of the slots `token_index` (only those `filled` marks, when given)."""
         per_token = torch.zeros(num_tokens, device=token_index.device)
-        per_token.index_add_(0, token_index.reshape(-1), torch.ones_like(token_index.reshape(-1), dtype=per_token.dtype))
+        ones = torch.ones_like(token_index.reshape(-1), dtype=per_token.dtype)
+        if filled is not None:
+            ones = filled.reshape(-1).to(per_token.dtype)
+        per_token.index_add_(0, token_index.reshape(-1), ones)
         self.stats = torch.stack([per_token.mean(), per_token.max(), (per_token == 0).float().mean()])
 
     def init_weights(self) -> None:
         nn.init.normal_(self.router.weight, std=0.02)
         self.experts.init_weights()
 
-
-class ExpertChoiceMoE(_MoEBase):
-    """Expert-choice MoE on (B, S, d) inputs.
-
-    Tokens are taken in groups of `group_size` consecutive tokens of the flattened
-    (batch, sequence); in each group every expert picks its top-C tokens by affinity
-    (C = ceil(group_size * capacity_factor / num_experts)) and its output is weighted
-    by that affinity. A token no expert picked gets 0. No auxiliary loss.
-    """
-
-    def __init__(self, dim: int, ffn_dim: int, num_experts: int, capacity_factor: float = 2.0,
-                 group_size: int = 1024, eval_group_size: int | None = None, expert_gemm: str = "auto") -> None:
-        super().__init__(dim, ffn_dim, num_experts, group_size, eval_group_size, expert_gemm)
-        self.capacity_factor = capacity_factor
-        # Order of the experts along the dispatch buffer; None = 0..E-1. Expert parallelism sets a
-        # permutation that makes every all-to-all chunk contiguous (see parallel/ep.py).
-        self.expert_order: torch.Tensor | None = None
-        self._order_cache: torch.Tensor | None = None
-        for g in (self.group_size, self.eval_group_size):
-            if expert_capacity(g, capacity_factor, num_experts) < 1:
-                raise ValueError(f"capacity ceil({g} * {capacity_factor} / {num_experts}) < 1")
-        self.init_weights()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, S, d)
-        shape = x.shape
-        tokens = x.reshape(-1, shape[-1])                    # (N, d)
-        n = tokens.shape[0]
-        g = self.current_group_size(n)
-        capacity = expert_capacity(g, self.capacity_factor, self.num_experts)
-        gate, rows = self.route(tokens.view(n // g, g, -1), capacity)  # (E, G*C) each
-        x_e = self.dispatch(tokens, rows)                    # (E, G*C, d)
-        y_e = self.experts(x_e)                              # (E, G*C, d)
-        return self.combine(y_e, gate, rows, n).view(shape)
-
-    def route(self, groups: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """groups (G, g, d) -> gate (E, G*C) fp32 and rows (E, G*C): flat token indices, one row
-        per expert (in `expert_order` when set)."""
-        G, g, _ = groups.shape
-        choice = expert_choice(self.gating(groups), capacity)  # (G, E, C)
-        offset = torch.arange(G, device=groups.device).view(G, 1, 1) * g
-        rows = (choice.index + offset).transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
-        gate = choice.gate.transpose(0, 1).reshape(self.num_experts, -1)              # (E, G*C)
-        if self.expert_order is not None:
-            order = self._order_on(rows.device)
-            rows, gate = rows.index_select(0, order), gate.index_select(0, order)
-        self._record(rows, G * g)
-        return gate, rows
+    def in_expert_order(self, *slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(E, ...) per-expert tensors reordered along E into `expert_order` (unchanged if None)."""
+        if self.expert_order is None:
+            return slots
+        order = self._order_on(slots[0].device)
+        return tuple(t.index_select(0, order) for t in slots)
 
     def _order_on(self, device: torch.device) -> torch.Tensor:
         """`expert_order` on `device`, copied once and cached (no copy per forward or recompute)."""
@@ -206,12 +172,59 @@ class ExpertChoiceMoE(_MoEBase):
         return out.to(y_e.dtype)
 
 
+
+
+class ExpertChoiceMoE(_MoEBase):
+    """Expert-choice MoE on (B, S, d) inputs.
+
+    Tokens are taken in groups of `group_size` consecutive tokens of the flattened
+    (batch, sequence); in each group every expert picks its top-C tokens by affinity
+    (C = ceil(group_size * capacity_factor / num_experts)) and its output is weighted
+    by that affinity. A token no expert picked gets 0. No auxiliary loss.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, capacity_factor: float = 2.0,
+                 group_size: int = 1024, eval_group_size: int | None = None, expert_gemm: str = "auto") -> None:
+        super().__init__(dim, ffn_dim, num_experts, group_size, eval_group_size, expert_gemm)
+        self.capacity_factor = capacity_factor
+        for g in (self.group_size, self.eval_group_size):
+            if expert_capacity(g, capacity_factor, num_experts) < 1:
+                raise ValueError(f"capacity ceil({g} * {capacity_factor} / {num_experts}) < 1")
+        self.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, S, d)
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])                    # (N, d)
+        n = tokens.shape[0]
+        g = self.current_group_size(n)
+        capacity = expert_capacity(g, self.capacity_factor, self.num_experts)
+        gate, rows = self.route(tokens.view(n // g, g, -1), capacity)  # (E, G*C) each
+        x_e = self.dispatch(tokens, rows)                    # (E, G*C, d)
+        y_e = self.experts(x_e)                              # (E, G*C, d)
+        return self.combine(y_e, gate, rows, n).view(shape)
+
+    def route(self, groups: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """groups (G, g, d) -> gate (E, G*C) fp32 and rows (E, G*C): flat token indices, one row
+        per expert (in `expert_order` when set)."""
+        G, g, _ = groups.shape
+        choice = expert_choice(self.gating(groups), capacity)  # (G, E, C)
+        offset = torch.arange(G, device=groups.device).view(G, 1, 1) * g
+        rows = (choice.index + offset).transpose(0, 1).reshape(self.num_experts, -1)  # (E, G*C)
+        gate = choice.gate.transpose(0, 1).reshape(self.num_experts, -1)              # (E, G*C)
+        gate, rows = self.in_expert_order(gate, rows)
+        self._record(rows, G * g)
+        return gate, rows
+
+
 class TokenChoiceMoE(_MoEBase):
     """Token-choice top-k MoE (GShard baseline) with the same interface.
 
     Each token picks its top_k experts; an expert takes at most
     ceil(top_k * group_size * token_capacity_factor / E) assignments per group (None:
-    no limit). `aux_loss` holds the load-balancing loss of the last forward.
+    no limit, i.e. group_size slots, E / top_k times the expert work of a full buffer).
+    The buffer is static, (E, G * capacity, d), so the layer runs without host syncs and
+    expert parallelism exchanges fixed-size chunks exactly as for expert choice.
+    `aux_loss` holds the load-balancing loss of the last forward.
     """
 
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int = 2,
@@ -222,25 +235,24 @@ class TokenChoiceMoE(_MoEBase):
         self.token_capacity_factor = token_capacity_factor
         self.init_weights()
 
+    def capacity(self, group_size: int) -> int:
+        """Slots per expert and group: ceil(top_k * g * token_capacity_factor / E), at most g
+        (without a factor: g, which no expert can exceed)."""
+        if self.token_capacity_factor is None:
+            return group_size
+        return min(group_size, math.ceil(self.top_k * group_size * self.token_capacity_factor / self.num_experts))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:     # (B, S, d)
+        """Route, then the same static dispatch -> experts -> combine as expert choice: each expert
+        gets its G * cap slots (empty ones hold token 0 with gate 0 and add exactly nothing)."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])                    # (N, d)
         n = tokens.shape[0]
         g = self.current_group_size(n)
-        cap = None
-        if self.token_capacity_factor is not None:
-            cap = math.ceil(self.top_k * g * self.token_capacity_factor / self.num_experts)
-        choice = token_choice(self.gating(tokens.view(n // g, g, -1)), self.top_k, cap)
+        choice = token_choice(self.gating(tokens.view(n // g, g, -1)), self.top_k, self.capacity(g))
         self.aux_loss = choice.aux_loss
-        self._record(choice.token, n)
-        x_sorted = tokens.index_select(0, choice.token)     # (A, d) grouped by expert
-        y = self.run_experts(x_sorted, choice.counts)        # (A, d)
-        acc = torch.promote_types(y.dtype, torch.float32)    # accumulate in fp32, as expert choice
-        weighted = y.to(acc) * choice.gate.unsqueeze(-1).to(acc)
-        out = torch.zeros(n, shape[-1], dtype=acc, device=y.device).index_add(0, choice.token, weighted)
-        return out.to(y.dtype).view(shape)
-
-    def run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Uneven per-expert batches; expert parallelism replaces this with an all-to-all version."""
-        return self.experts(x_sorted, counts.tolist())
-
+        gate, rows, filled = self.in_expert_order(choice.gate, choice.rows, choice.filled)   # (E, G*cap) each
+        self._record(rows, n, filled)
+        x_e = self.dispatch(tokens, rows)                    # (E, G*cap, d)
+        y_e = self.experts(x_e)                              # (E, G*cap, d)
+        return self.combine(y_e, gate, rows, n).view(shape)

@@ -1,14 +1,16 @@
 """Expert parallelism: each rank of an ep group owns num_experts / ep experts.
 
-Expert choice gives every expert exactly C tokens per group, so the dispatch buffer
-(E, T, d) splits into equal chunks: the MoE layer gathers it in `expert_order` (local slot,
-destination), the all-to-all (one call per local expert slot, autograd-aware, no count
-exchange, no host sync) delivers to each owner its experts' tokens from all ep ranks as the
+Expert choice gives every expert exactly C tokens per group, and token choice a fixed number
+of slots (empty ones carry gate 0), so the dispatch buffer (E, T, d) splits into equal
+chunks: the MoE layer gathers it in `expert_order` (local slot, destination), the
+all-to-all (one call per local expert slot, autograd-aware, no count exchange, no host
+sync) delivers to each owner its experts' tokens from all ep ranks as the
 (E/ep, ep*T, d) input of one batched matmul, and the same exchange returns the results.
 Neither side copies or reshuffles the buffer. `parallel.ep_exchange=single` instead sends the
 buffer in natural expert order with one all_to_all_single per direction and one permute copy
 (on the receiving side of dispatch, on the sending side of combine): fewer, larger calls,
-which is what NCCL prefers. Token choice sends uneven counts, exchanged first.
+which is what NCCL prefers. Under activation checkpointing the recompute reuses the forward's
+exchange outputs (`parallel.ac`): no exchange runs twice.
 
 Gradient bookkeeping: the all-to-all backward already sums an expert's gradient over the
 ep ranks whose tokens it processed, and FSDP then averages it over the expert-data-parallel
@@ -23,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from ecdit_dist.model.moe import ExpertChoiceMoE, TokenChoiceMoE
+from ecdit_dist.parallel.ac import reuse_in_recompute
 
 
 def shard_experts(experts: nn.Module, ep_mesh) -> None:
@@ -31,32 +33,6 @@ def shard_experts(experts: nn.Module, ep_mesh) -> None:
     for name in ("w1", "w2"):
         p = getattr(experts, name)
         setattr(experts, name, nn.Parameter(distribute_tensor(p.data, ep_mesh, [Shard(0)])))
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single along dim 0; the backward is the same exchange in reverse."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, output_splits, input_splits, group) -> torch.Tensor:
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        rows = sum(output_splits) if output_splits is not None else x.shape[0]
-        out = x.new_empty((rows, *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        output_splits, input_splits = ctx.splits
-        rows = sum(input_splits) if input_splits is not None else grad.shape[0]
-        out = grad.new_empty((rows, *grad.shape[1:]))
-        dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return out, None, None, None
-
-
-def all_to_all(x: torch.Tensor, group, output_splits: list[int] | None = None,
-               input_splits: list[int] | None = None) -> torch.Tensor:
-    """Autograd-aware all_to_all_single along dim 0 (equal chunks when no splits are given)."""
-    return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
 class _ExpertExchange(torch.autograd.Function):
@@ -75,7 +51,7 @@ class _ExpertExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        return _ExpertExchange._exchange(x, group)
+        return reuse_in_recompute(_ExpertExchange._exchange, x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -107,7 +83,7 @@ class _SingleDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, ep: int) -> torch.Tensor:
         ctx.group, ctx.ep = group, ep
-        return _single_to_experts(x, group, ep)
+        return reuse_in_recompute(_single_to_experts, x, group, ep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -118,7 +94,7 @@ class _SingleCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, group, ep: int) -> torch.Tensor:
         ctx.group, ctx.ep = group, ep
-        return _single_from_experts(y, group, ep)
+        return reuse_in_recompute(_single_from_experts, y, group, ep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -168,39 +144,15 @@ def _combine_hook(group, ep: int, exchange: str = "per_expert"):
     return hook
 
 
-def _ragged_expert_parallel(layer: TokenChoiceMoE, group, ep: int):
-    def run_experts(x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        E = counts.numel()
-        E_local = E // ep
-        send_counts = counts.to(torch.int64)                          # (E,) by global expert = by destination
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=group)  # (ep sources x E_local)
-        send_splits = send_counts.view(ep, E_local).sum(1).tolist()
-        recv_matrix = recv_counts.view(ep, E_local)
-        recv_splits = recv_matrix.sum(1).tolist()
-        recv = all_to_all(x_sorted, group, recv_splits, send_splits)
-        # rows arrive grouped by source, then local expert: regroup by local expert
-        slots = torch.arange(E_local, device=recv_matrix.device).repeat(ep)     # device-typed, like the counts
-        local_expert = torch.repeat_interleave(slots, recv_matrix.flatten())
-        order = torch.argsort(local_expert, stable=True)
-        y_sorted = layer.experts(recv.index_select(0, order), recv_matrix.sum(0).tolist())
-        y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
-        return all_to_all(y, group, send_splits, recv_splits)
-    return run_experts
-
-
 def apply_expert_parallel(model: nn.Module, ep_mesh, exchange: str = "auto") -> None:
     group = ep_mesh.get_group()
     ep = ep_mesh.size()
     exchange = resolve_exchange(exchange, group)
     for layer in model.moe_layers():
         shard_experts(layer.experts, ep_mesh)
-        if isinstance(layer, ExpertChoiceMoE):
-            layer.expert_order = expert_order(layer.num_experts, ep) if exchange == "per_expert" else None
-            layer.experts.register_forward_pre_hook(_dispatch_hook(group, ep, exchange))
-            layer.experts.register_forward_hook(_combine_hook(group, ep, exchange))
-        elif isinstance(layer, TokenChoiceMoE):
-            layer.run_experts = _ragged_expert_parallel(layer, group, ep)
+        layer.expert_order = expert_order(layer.num_experts, ep) if exchange == "per_expert" else None
+        layer.experts.register_forward_pre_hook(_dispatch_hook(group, ep, exchange))
+        layer.experts.register_forward_hook(_combine_hook(group, ep, exchange))
 
 
 def scale_expert_grads(model: nn.Module, factor: float) -> None:

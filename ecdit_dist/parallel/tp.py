@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from ecdit_dist.parallel.ac import reuse_in_recompute
+
 ATTENTION_PLAN = {
     "attn.q_proj": ColwiseParallel, "attn.k_proj": ColwiseParallel, "attn.v_proj": ColwiseParallel,
     "attn.o_proj": RowwiseParallel,
@@ -62,7 +64,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
         ctx.rank, ctx.size = rank, size
-        return _gather_rows(x, group, size)
+        return reuse_in_recompute(_gather_rows, x, group, size)     # not repeated in a recompute
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -65,13 +65,11 @@ def dispatch_rows(cfg: Config, dims: ParallelDims, micro: int) -> int:
     routed = micro * cfg.model.train_tokens_per_image // dims.tp
     groups = routed // moe.group_size
     if moe.router == "token_choice":
-        # the GShard baseline: at most top_k assignments per token and cap per expert (an upper
-        # bound: dropped assignments send nothing)
-        per_group = moe.top_k * moe.group_size
+        # the GShard baseline: a static buffer of cap slots per expert and group (g without a cap)
+        cap = moe.group_size
         if moe.token_capacity_factor is not None:
-            cap = math.ceil(moe.top_k * moe.group_size * moe.token_capacity_factor / moe.num_experts)
-            per_group = min(per_group, moe.num_experts * cap)
-        return per_group * groups
+            cap = min(cap, math.ceil(moe.top_k * moe.group_size * moe.token_capacity_factor / moe.num_experts))
+        return moe.num_experts * cap * groups
     return moe.num_experts * expert_capacity(moe.group_size, moe.capacity_factor, moe.num_experts) * groups
 
 
@@ -131,6 +129,22 @@ def root_activations(cfg: Config, dims: ParallelDims, micro: int) -> int:
     return total
 
 
+def exchange_outputs(cfg: Config, dims: ParallelDims, micro: int) -> int:
+    """Bytes of the exchange outputs one checkpointed MoE block keeps for its recompute: the
+    all-to-all dispatch (the fp32 layer-norm output) and combine (expert output dtype) under
+    expert parallelism, the gathered layer output (all tokens, compute dtype) under tensor
+    parallelism."""
+    if not cfg.moe.num_experts:
+        return 0
+    a, d = _bytes(precision_of(cfg)), cfg.model.hidden_dim
+    total = 0
+    if dims.ep > 1:
+        total += dispatch_rows(cfg, dims, micro) * d * (4 + a)
+    if dims.tp > 1:
+        total += micro * cfg.model.train_tokens_per_image * d * a
+    return total
+
+
 def activations(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool) -> dict[str, int]:
     """Saved bytes of one micro-batch held from the end of forward to backward, plus the peak
     extra of backward (the recomputed block under checkpointing, and one block's gradients)."""
@@ -139,8 +153,10 @@ def activations(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool
     root = root_activations(cfg, dims, micro)
     biggest = max(per.values())
     if checkpointing:
-        # a checkpointed block keeps its input hidden states; c, text and mask are shared
+        # a checkpointed block keeps its input hidden states (c, text and mask are shared), and
+        # the outputs of its exchanges, which the recompute reuses instead of communicating again
         held = root + len(blocks) * micro * cfg.model.train_tokens_per_image * cfg.model.hidden_dim * 4
+        held += sum(blocks) * exchange_outputs(cfg, dims, micro)
         extra = 2 * biggest
     else:
         held = root + sum(per[f] for f in blocks)
@@ -208,15 +224,16 @@ def step_flops(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool)
 
 # --------------------------------------------------------------------------- communication
 def a2a_bytes(cfg: Config, dims: ParallelDims, micro: int, checkpointing: bool) -> int:
-    """Bytes each rank hands to all_to_all_single in one micro-batch (forward dispatch and combine,
-    the same in backward, and the forward again when checkpointing). Under bf16 autocast the
-    dispatch carries the fp32 layer-norm output and the combine the bf16 expert output."""
+    """Bytes each rank hands to all_to_all_single in one micro-batch: forward dispatch and combine,
+    the same in backward. A checkpointed recompute reuses the forward's outputs and sends nothing.
+    Under bf16 autocast the dispatch carries the fp32 layer-norm output and the combine the bf16
+    expert output."""
     if dims.ep == 1 or not cfg.moe.num_experts:
         return 0
     m, moe = cfg.model, cfg.moe
     per_layer = dispatch_rows(cfg, dims, micro) * m.hidden_dim * (4 + _bytes(precision_of(cfg)))
     layers = sum(moe.is_moe_layer(i) for i in range(m.num_layers))
-    return per_layer * layers * (3 if checkpointing else 2)
+    return per_layer * layers * 2
 
 
 def tp_bytes(cfg: Config, dims: ParallelDims, micro: int) -> int:
