@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from ecdit_dist.model.moe import ExpertChoiceMoE, TokenChoiceMoE, expert_capacity
 from ecdit_dist.model.routing import token_choice
-from workers import HostSyncCounter
 
 
 def fresh_seed() -> int:
@@ -198,26 +197,11 @@ def test_moe_layer_has_no_host_sync(router):
     else:
         moe = ExpertChoiceMoE(8, 16, 4, 2.0, group_size=16, expert_gemm="mm_loop")
     x = torch.randn(2, 16, 8, requires_grad=True)
-    with HostSyncCounter() as syncs:
+    from host_sync import count_host_syncs
+
+    with count_host_syncs() as syncs:
         out = moe(x)
         loss = out.square().sum() + (moe.aux_loss if moe.aux_loss is not None else 0)
         loss.backward()
-    assert syncs.events == []
+    assert syncs.ops == []
     assert x.grad.abs().sum() > 0
-
-
-def test_host_sync_counter_sees_every_kind_of_sync():
-    x = torch.randn(6)
-    with HostSyncCounter() as syncs:
-        x.sum().item()
-        x.tolist()
-        x[x > 0]
-        x.masked_select(x > 0)
-        (x > 0).nonzero()
-        torch.bincount((x > 0).long())
-        torch.unique((x > 0).long())
-        torch.repeat_interleave(torch.tensor([1, 2]), torch.tensor([2, 1]))
-    kinds = " ".join(syncs.events)
-    for name in ("_local_scalar_dense", "tolist", "boolean mask", "masked_select", "nonzero", "bincount", "unique",
-                 "repeat_interleave"):
-        assert name in kinds, (name, syncs.events)

@@ -209,9 +209,11 @@ def moe_layer(rank: int, world: int, seed: int, router: str, exchange: str = "au
         "router_grad": layer.router.weight.grad.clone(), "ref_router_grad": ref.router.weight.grad,
         "plans": [plan for plan, _ in expert_gemm.chosen().values()],
     }
-    with HostSyncCounter() as syncs:
+    from host_sync import count_host_syncs
+
+    with count_host_syncs() as syncs:
         (layer(x) * probe[rank]).sum().backward()
-    result["host_syncs"] = syncs.events
+    result["host_syncs"] = syncs.ops
     return result
 
 
@@ -447,54 +449,3 @@ def free_closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-class HostSyncCounter:
-    """Counts, while active, the operations that make the host wait for the device: reading a
-    value back (`item`, `tolist`: aten._local_scalar_dense), and ops whose output size depends on
-    the data (nonzero, masked_select, boolean-mask indexing, bincount, unique, repeat_interleave).
-    On CPU nothing waits, but the same calls are syncs on CUDA; `events` lists what was seen.
-    (A minimal local counter; a shared one can replace it with the same use: `with C() as c`.)"""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    @property
-    def count(self) -> int:
-        return len(self.events)
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        aten = torch.ops.aten
-        syncing = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten._unique,
-                   aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.repeat_interleave}
-        events = self.events
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                packet = func.overloadpacket
-                if packet in syncing:
-                    events.append(str(func))
-                elif packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
-                    indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-                    if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
-                        events.append(f"{func} (boolean mask)")
-                return func(*args, **kwargs)
-
-        real_tolist = torch.Tensor.tolist
-
-        def tolist(t):
-            events.append("Tensor.tolist")
-            return real_tolist(t)
-
-        self._real_tolist = real_tolist
-        torch.Tensor.tolist = tolist
-        self._mode = Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-        torch.Tensor.tolist = self._real_tolist
-        return False
