@@ -223,9 +223,11 @@ def routing_probe(bundle, n: int, batch: int = 64, keep: int = 4) -> dict | None
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(ROUTING_SEED))
     captured: dict[int, list] = {}
     for i, layer in layers:
-        def record(index, num_tokens, i=i, orig=layer._record):
-            captured[i].append(torch.bincount(index.reshape(-1).cpu(), minlength=num_tokens)[:num_tokens])
-            orig(index, num_tokens)
+        def record(index, num_tokens, filled=None, *, i=i, orig=layer._record):
+            weights = None if filled is None else filled.reshape(-1).cpu().to(torch.float64)  # token choice: real slots only
+            counts = torch.bincount(index.reshape(-1).cpu(), weights=weights, minlength=num_tokens)[:num_tokens]
+            captured[i].append(counts.round().long())
+            orig(index, num_tokens, filled)
         layer._record = record
     out: dict = {"grid": side, "t": list(ROUTING_T), "layers": {}, "examples": {}}
     shape_tok = cover > 0

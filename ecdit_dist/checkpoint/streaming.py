@@ -24,7 +24,6 @@ Interfaces (what a converter, or a remote store, plugs in):
 from __future__ import annotations
 
 import errno
-import json
 import os
 import queue
 import threading
@@ -35,7 +34,7 @@ from typing import Callable, Protocol
 import torch
 
 from ecdit_dist.checkpoint.dcp_raw import Extent
-from ecdit_dist.checkpoint.tensors import INDEX, ConvertError, Shard, TensorInfo, _header, plan_shards
+from ecdit_dist.checkpoint.tensors import ConvertError, Shard, TensorInfo, _header, plan_shards, write_index
 
 DEFAULT_WORKERS = 4
 DEFAULT_BUFFERS = 2
@@ -255,13 +254,5 @@ def write_shards(out_dir: str | Path, infos: dict[str, TensorInfo],
             f.abandon()
         raise
     executor.shutdown(wait=True)
-    index = out / INDEX
-    if len(shards) > 1:
-        body = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
-                "weight_map": {n: s.file for s in shards for n in s.names}}
-        tmp = out / f".{INDEX}.tmp"
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, index)
-    elif index.exists():
-        index.unlink()
+    write_index(out, shards)
     return shards

@@ -302,6 +302,12 @@ def write_safetensors(out_dir: str | Path, infos: dict[str, TensorInfo], produce
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out / shard.file)
+    write_index(out, shards)
+    return shards
+
+
+def write_index(out: Path, shards: list[Shard]) -> None:
+    """The safetensors index (name -> shard file) when there are several shards; none for one."""
     index = out / INDEX
     if len(shards) > 1:
         body = {"metadata": {"total_size": sum(s.nbytes for s in shards)},
@@ -311,7 +317,6 @@ def write_safetensors(out_dir: str | Path, infos: dict[str, TensorInfo], produce
         os.replace(tmp, index)
     elif index.exists():
         index.unlink()
-    return shards
 
 
 def check_keys(found: dict[str, TensorInfo] | dict[str, tuple], expected: dict[str, tuple[int, ...]],
