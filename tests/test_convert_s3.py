@@ -279,3 +279,24 @@ def test_bad_bucket_or_credentials_are_clear_errors(s3, trained, monkeypatch, ca
         assert len(err.strip().splitlines()) == 1                        # one line, no traceback
         for secret in (wrong, SECRET_KEY):
             assert secret not in out + err
+
+
+def test_deepspeed_checkpoint_from_s3_to_s3_equals_local(s3, tmp_path):
+    """`convert deepspeed` with a ZeRO checkpoint on S3 and an S3 output: the same bytes as on disk."""
+    from ecdit_dist.parallel.local import run_ranks
+    from workers import deepspeed_checkpoint
+
+    weights = run_ranks(deepspeed_checkpoint, 2, tmp_path / "ranks", str(tmp_path / "ds"), 2, timeout=400)[0]
+    C.from_deepspeed(tmp_path / "ds", tmp_path / "local", TINY, max_shard_size="0")
+    upload_folder(s3, tmp_path / "ds", f"s3://{BUCKET}/ds")
+    out = f"s3://{BUCKET}/t6/from-ds"
+    C.from_deepspeed(f"s3://{BUCKET}/ds", out, TINY, max_shard_size="0")
+    local = folder_bytes(tmp_path / "local")
+    assert local and remote_bytes(s3, out) == local
+    got = load_file(tmp_path / "local" / "model.safetensors")
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k].float()) for k in weights)
+    got_cfg = json.loads(s3.read_bytes(f"{out}/config.json"))
+    local_cfg = json.loads((tmp_path / "local" / "config.json").read_text())
+    assert got_cfg.pop("converted_from") == f"deepspeed:s3://{BUCKET}/ds"       # the source, not a temporary copy
+    local_cfg.pop("converted_from")
+    assert got_cfg == local_cfg

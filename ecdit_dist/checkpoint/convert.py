@@ -649,9 +649,10 @@ class _weights_only_torch_load:
 
 def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path, tag: str | None = None,
                    max_shard_size: str = "5GB", dry_run: bool = False, progress: Progress | None = None,
-                   overwrite: bool = False) -> dict:
+                   overwrite: bool = False, *, _source: str | None = None) -> dict:
     """A DeepSpeed ZeRO (stage 1-3) checkpoint of an ECDiT without expert parallelism -> consolidated
-    safetensors, through deepspeed's own zero_to_fp32 reader."""
+    safetensors, through deepspeed's own zero_to_fp32 reader. (`_source`: the name recorded in
+    config.json when `ds_dir` is a local copy of an S3 checkpoint.)"""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
@@ -659,8 +660,8 @@ def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path,
     if remote.is_s3(str(ds_dir)):          # DeepSpeed's reader needs files (and loads the whole model anyway)
         check_out(out, overwrite)
         with remote.local_copy(str(ds_dir)) as local:
-            return {**from_deepspeed(local, out, config_path, tag, max_shard_size, dry_run, progress, overwrite),
-                    "source": str(ds_dir)}
+            return {**from_deepspeed(local, out, config_path, tag, max_shard_size, dry_run, progress, overwrite,
+                                     _source=str(ds_dir)), "source": str(ds_dir)}
     from ecdit_dist.config import load_config
 
     check_out(out, overwrite)
@@ -679,7 +680,7 @@ def from_deepspeed(ds_dir: str | Path, out: str | Path, config_path: str | Path,
     with staged_output(out, overwrite) as stage:
         shards = write_safetensors(stage, infos, lambda n: state[n].contiguous(), parse_size(max_shard_size),
                                    {"format": "pt", "source": FORMAT}, _ticker(progress, plan["bytes"]))
-        _write_config(stage, config, {"converted_from": f"deepspeed:{ds_dir}"})
+        _write_config(stage, config, {"converted_from": f"deepspeed:{_source or ds_dir}"})
     return {**plan, "files": [s.file for s in shards]}
 
 
