@@ -87,11 +87,6 @@ class NonFiniteGuard:
         """The step is finite everywhere: the all-rank sum of `nonfinite_here` is 0 (NaN counts as not)."""
         return nonfinite_ranks == 0
 
-    def step_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Collective: the step's loss (this rank's) and global gradient norm are finite everywhere
-        (a reduction of its own; the training step uses `nonfinite_here` in its step report)."""
-        return self.agree(self.nonfinite_here(loss, grad_norm) == 0)
-
     def record_finite(self) -> None:
         self.consecutive = 0
         self.rollbacks = 0

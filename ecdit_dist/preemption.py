@@ -19,8 +19,7 @@ with the non-finite verdict and the loss), so every rank learns at the same step
 rank was asked to stop. The report is read after the backward pass: a signal that arrives
 later in step s is seen in step s + 1's report, so the run finishes at most one more step.
 The trainer then saves the step it reached (whatever `checkpoint.interval` is) and exits
-with `EXIT_PREEMPTED`. `agreed()` is the same agreement as a collective of its own, for
-callers outside the training step.
+with `EXIT_PREEMPTED`.
 
 A rank in a cgroup-wide kill gets the signal twice (from the scheduler and again from the
 torchrun agent); repeats within `REPEAT_WINDOW_S` of the first signal count as the same request.
@@ -133,20 +132,6 @@ class Preemption:
     def settle(self, any_rank_requested: bool) -> bool:
         """Take the all-rank verdict of a step report (the same value on every rank); sticky."""
         self.stopped = self.stopped or bool(any_rank_requested)
-        return self.stopped
-
-    def agreed(self) -> bool:
-        """Collective at a step boundary: True on every rank iff some rank got a signal."""
-        if self.stopped:
-            return True
-        if self.distributed:
-            import torch.distributed as dist
-
-            flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.stopped = bool(flag.item())
-        else:
-            self.stopped = self.requested
         return self.stopped
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
@@ -258,7 +259,7 @@ class Trainer:
         loss_sum, aux_sum = self.backward_step(step)
         params = list(self.model.parameters())
         grad_norm = clip_grad_norm(params, 0.0)          # the norm of the raw gradients (every rank holds it)
-        token_choice = any(isinstance(m, TokenChoiceMoE) for m in self.model.moe_layers())
+        token_choice = self.token_choice
         report = StepReport(self.device, self.dims.world > 1)
         report.add("nonfinite", self.guard.nonfinite_here(loss_sum, grad_norm))
         report.add("preempt", float(self.preemption.requested))
@@ -292,6 +293,11 @@ class Trainer:
             out["aux_loss"] = got["aux"] / self.dp_size      # mean over data-parallel ranks, summed over tp
         out.update({name: got[name] for name in routing})
         return out
+
+    @functools.cached_property
+    def token_choice(self) -> bool:
+        """The model routes by token choice (adds an auxiliary loss to the step report); fixed at build."""
+        return any(isinstance(m, TokenChoiceMoE) for m in self.model.moe_layers())
 
     def _routing_entries(self, report: StepReport) -> list[str]:
         """The first rank's routing statistics of this step, as step-report entries; their names."""

@@ -24,7 +24,7 @@ from ecdit_dist.checkpoint.tensors import (
 )
 from ecdit_dist.config import config_from_dict
 from ecdit_dist.parallel.local import run_ranks
-from workers import EQUIV, train_layout
+from workers import EQUIV, train_layout, write_synthetic_model
 
 SYN_MODEL = {"preset": "tiny", "hidden_dim": 512, "num_layers": 12, "num_heads": 8, "num_kv_heads": 4}
 SYN_MOE = {"num_experts": 4}
@@ -181,11 +181,7 @@ def test_verify_sha256_overlaps_and_refuses_damage_size_trusts(tmp_path):
 def synthetic(tmp_path_factory):
     """A consolidated model of ~343 MiB in 281 tensors (the largest 16 MiB), written tensor by tensor."""
     folder = tmp_path_factory.mktemp("synthetic")
-    infos = {k: TensorInfo(tuple(v), torch.float32) for k, v in expected_tensors(SYN_MODEL, SYN_MOE).items()}
-    gen = torch.Generator().manual_seed(4321)
-    write_safetensors(folder, infos, lambda n: torch.randn(infos[n].shape, generator=gen), 0)
-    (folder / "config.json").write_text(json.dumps({"model": SYN_MODEL, "moe": SYN_MOE}))
-    return folder, infos
+    return folder, write_synthetic_model(folder, SYN_MODEL, SYN_MOE, 4321)
 
 
 def _peak(op: str, **kwargs) -> int:

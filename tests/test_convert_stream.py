@@ -15,12 +15,12 @@ from safetensors import safe_open
 
 from ecdit_dist.checkpoint import convert as C
 from ecdit_dist.checkpoint.manager import CheckpointManager, verify_checkpoint
-from ecdit_dist.checkpoint.tensors import DCPSource, TensorInfo, expected_tensors, write_safetensors
+from ecdit_dist.checkpoint.tensors import DCPSource
 from ecdit_dist.config import load_config
 from ecdit_dist.metrics import read_metrics
 from ecdit_dist.parallel.local import run_ranks
 from ecdit_dist.train import Trainer
-from workers import EQUIV, QUIET, TINY, train_layout
+from workers import EQUIV, QUIET, TINY, train_layout, write_synthetic_model
 
 # ~343 MiB of fp32 in 281 tensors, the largest 16 MiB: loading the whole model exceeds the bound below
 SYN_MODEL = {"preset": "tiny", "hidden_dim": 512, "num_layers": 12, "num_heads": 8, "num_kv_heads": 4}
@@ -55,11 +55,7 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
 def synthetic(tmp_path_factory):
     """A consolidated safetensors model of a few hundred MB, written tensor by tensor."""
     folder = tmp_path_factory.mktemp("synthetic")
-    infos = {k: TensorInfo(tuple(v), torch.float32) for k, v in expected_tensors(SYN_MODEL, SYN_MOE).items()}
-    gen = torch.Generator().manual_seed(1234)
-    write_safetensors(folder, infos, lambda n: torch.randn(infos[n].shape, generator=gen), 0)
-    (folder / "config.json").write_text(json.dumps({"model": SYN_MODEL, "moe": SYN_MOE}))
-    return folder, infos
+    return folder, write_synthetic_model(folder, SYN_MODEL, SYN_MOE, 1234)
 
 
 # ----------------------------------------------------------------------------- round trip

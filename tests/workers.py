@@ -449,3 +449,17 @@ def free_closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+def write_synthetic_model(folder, model: dict, moe: dict, seed: int) -> dict:
+    """A consolidated safetensors model of random fp32 weights plus its config.json, written tensor
+    by tensor into `folder`; returns the tensor infos."""
+    import json
+
+    from ecdit_dist.checkpoint.tensors import TensorInfo, expected_tensors, write_safetensors
+
+    infos = {k: TensorInfo(tuple(v), torch.float32) for k, v in expected_tensors(model, moe).items()}
+    gen = torch.Generator().manual_seed(seed)
+    write_safetensors(folder, infos, lambda n: torch.randn(infos[n].shape, generator=gen), 0)
+    (Path(folder) / "config.json").write_text(json.dumps({"model": model, "moe": moe}))
+    return infos

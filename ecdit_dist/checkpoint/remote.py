@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import re
@@ -54,7 +53,7 @@ import torch
 from ecdit_dist.checkpoint import safe_load
 from ecdit_dist.checkpoint.errors import CheckpointError
 from ecdit_dist.checkpoint.tensors import FROM_ST, INDEX, ConvertError, DCPSource, TensorInfo
-from ecdit_dist.data.storage import DataError, S3Storage, is_s3, split_s3
+from ecdit_dist.data.storage import DataError, S3RangeFile, S3Storage, is_s3, split_s3
 
 CONFIG_JSON = "config.json"
 MANIFEST = "manifest.json"
@@ -272,31 +271,18 @@ class S3SafetensorsSource:
 
 
 # ------------------------------------------------------------------------------------ DCP
-class _RangeFile(io.RawIOBase):
-    """A seekable read-only S3 object: small reads are served from a read-ahead buffer, large
-    `readinto`s (a tensor's bytes) go straight into the caller's buffer, so no copy is kept."""
+class _RangeFile(S3RangeFile):
+    """A seekable read-only S3 object (S3RangeFile's positioning): small reads are served from a
+    read-ahead buffer kept inside the DCP item being read, large `readinto`s (a tensor's bytes)
+    go straight into the caller's buffer, so no copy is kept."""
 
     def __init__(self, s3: S3Storage, url: str, size: int, read_ahead: int = 256 << 10,
                  chunk_bytes: int = CHUNK_BYTES) -> None:
-        super().__init__()
-        self.s3, self.url, self.length = s3, url, size
+        super().__init__(s3, url, size, min_request=read_ahead)
+        self.s3 = s3
         self.read_ahead, self.chunk_bytes = read_ahead, chunk_bytes
-        self.pos = 0
         self.blocks: list[tuple[int, bytes]] = []      # a few recent read-ahead blocks (an item's head and tail)
         self.window = (0, size)       # the DCP item being read: read-ahead stays inside it
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = max(0, {0: 0, 1: self.pos, 2: self.length}[whence] + offset)
-        return self.pos
 
     def readinto(self, b) -> int:
         view = memoryview(b).cast("B")
