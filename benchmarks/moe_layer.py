@@ -18,6 +18,11 @@ load average it was measured under. Usage:
 
     python benchmarks/moe_layer.py                       # E = 8 and 64, d=512, d_ff=2048, fp32 (+ bf16 if native)
     python benchmarks/moe_layer.py --experts 8 --dtype fp32 bf16 --repeats 3 --json out.json
+    python benchmarks/moe_layer.py --host-memory release    # the C library's default allocator behaviour
+
+The host allocator is set as training sets it (train.host_memory, default auto = reuse freed large
+blocks on CPU): without that, every large tensor of every step is faulted in afresh, which costs the
+experts' weight gradients (E x d x d_ff each) far more than the dense FFN's (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import describe, machine_info  # noqa: E402
 
+from ecdit_dist.device import keep_host_memory  # noqa: E402
 from ecdit_dist.model import expert_gemm  # noqa: E402
 from ecdit_dist.model.expert_gemm import ROLES, batched_mm, candidates, plan_for  # noqa: E402
 from ecdit_dist.model.moe import ExpertChoiceMoE, FeedForward, expert_capacity  # noqa: E402
@@ -120,7 +126,7 @@ def bench_layer(experts: int, tokens: int, dim: int, ffn: int, group: int, cf: f
         "experts": experts, "tokens": tokens, "dim": dim, "ffn_dim": ffn, "group_size": group, "dtype": str(dtype),
         "capacity_factor": cf, "capacity": C, "tokens_per_expert": T,
         "plan": {r: getattr(plan, r) for r in ROLES}, "selection_s": select_s,
-        "selection_timings_s": expert_gemm.chosen().get((experts, T, dim, ffn, dtype, str(device)), (None, None))[1],
+        "selection_timings_s": expert_gemm.chosen().get((experts, T, dim, ffn, dtype, str(device), False), (None, None))[1],
         "seconds": med, "ratio_to_dense": {k: v / med["dense"] for k, v in med.items()},
     }
 
@@ -188,14 +194,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed layer repeats (median kept)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--gemm-repeats", type=int, default=3, help="timed repeats per GEMM (median kept); 0 skips part 2")
+    p.add_argument("--host-memory", default="auto", choices=["auto", "reuse", "release"],
+                   help="large freed host blocks, as train.host_memory: auto = reuse on CPU (what training does)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     device = torch.device(args.device)
-    info = machine_info()
+    host_memory = keep_host_memory(args.host_memory, device.type)
+    info = {**machine_info(), "host_memory": host_memory}
     names = args.dtype
     if "auto" in names:
         names = ["fp32"] + (["bf16"] if info["native_bf16"] or device.type == "cuda" else [])
-    print(f"machine: {describe(info)}")
+    print(f"machine: {describe(info)}; host memory: {host_memory}")
     if "bf16" not in names:
         print("bf16: not measured (no native bf16 on this CPU: no avx512_bf16 / amx_bf16 flag); --dtype bf16 forces it")
     print(f"shapes: d={args.dim}, d_ff={args.ffn}, group {args.group}, {args.tokens} tokens, "

@@ -243,6 +243,11 @@ class TrainConfig:
     nonfinite_patience: int = 10
     """skip: stop after this many consecutive skipped steps; rollback: stop after this many
     rollbacks without a finite step in between."""
+    host_memory: Literal["auto", "reuse", "release"] = "auto"
+    """Large freed host blocks: "reuse" keeps them in the process for the next step (no page faults
+    and re-zeroing of activations and expert weight gradients every step; glibc), "release" returns
+    them to the OS at free (the C library's default); auto = reuse on CPU ranks, release on CUDA.
+    docs/PERFORMANCE.md, "Expert-choice MoE layer"."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", ("steps", "global_batch_size", "nonfinite_patience"))

@@ -23,7 +23,8 @@ from ecdit_dist.checkpoint.manager import CheckpointError, CheckpointManager, Di
 from ecdit_dist.config import Config, ConfigError, dump_config, load_config
 from ecdit_dist.data.pipeline import DataPipeline
 from ecdit_dist.data.storage import DataError
-from ecdit_dist.device import autocast_dtype, enable_tf32, process_group_backend, select_device, to_device
+from ecdit_dist.device import (autocast_dtype, enable_tf32, keep_host_memory, process_group_backend, select_device,
+                               to_device)
 from ecdit_dist.diffusion import interpolate, velocity_target
 from ecdit_dist.guard import NonFiniteError, NonFiniteGuard, all_finite
 from ecdit_dist.metrics import MetricsLogger
@@ -54,6 +55,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         enable_tf32(self.device.type)
+        self.host_memory = keep_host_memory(cfg.train.host_memory, self.device.type)
         # SIGTERM / SIGUSR1 from here on: all ranks save the step they reach and stop (ecdit_dist/preemption.py)
         self.preemption = Preemption(self.device, world > 1).install()
         # every check runs before the first collective, so a bad layout fails the same way on every rank
@@ -343,6 +345,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             print(f"layout: {self.dims.describe()}", flush=True)
+            print(f"host memory: {self.host_memory} (train.host_memory)", flush=True)
         self.resume()
         if self.is_main:     # after the resume check: a refused config never replaces the run's
             from ecdit_dist.checkpoint.resume_check import write_run_config

@@ -1,6 +1,8 @@
 """The expert FFN function in every GEMM form the selector can choose, forced one by one, against
 the float64 one-hot reference of Algorithm 1 and against numerical gradients."""
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ def test_auto_plan_equals_algorithm1_float64():
     assert key[:4] == (8, 2 * 8, 12, 20) and key[4] == torch.float64 and key[-1] is False      # (E, G*C, d, d_ff): 2 groups, C = 8
     for role in expert_gemm.ROLES:
         assert set(timings[role]) == set(candidates(role, torch.device("cpu"), torch.float64))
-        assert getattr(plan, role) == min(timings[role], key=timings[role].get)
+        assert getattr(plan, role) == expert_gemm.pick(timings[role])
 
 
 @pytest.mark.skipif(not grouped_runs_here(), reason="torch._grouped_mm does not run float32 on this device")
@@ -116,6 +118,21 @@ def test_agreement_decides_the_plan():
         expert_gemm.clear_cache()
     assert plan == again == GemmPlan.forced("mm_loop")
     assert len(seen) == 1 and (seen[0] > 0).all()       # measured once, real seconds went in
+
+
+def test_bmm_is_kept_unless_another_form_wins_by_the_margin():
+    """Timings within the noise of a shared machine keep bmm; a clear win switches; a failed bmm
+    (inf) leaves the fastest form."""
+    from ecdit_dist.model.expert_gemm import SWITCH_MARGIN, pick
+
+    rng = random.Random()
+    for _ in range(50):
+        bmm = rng.uniform(0.01, 10.0)
+        close = bmm * rng.uniform(1 - SWITCH_MARGIN + 1e-6, 1.5)
+        far = bmm * rng.uniform(0.1, 1 - SWITCH_MARGIN - 1e-6)
+        assert pick({"bmm": bmm, "bmm_contiguous": close, "mm_loop": close * 1.01}) == "bmm"
+        assert pick({"bmm": bmm, "bmm_contiguous": close, "mm_loop": far}) == "mm_loop"
+        assert pick({"bmm": float("inf"), "bmm_contiguous": close, "mm_loop": far}) == "mm_loop"
 
 
 def test_choosing_a_plan_leaves_the_global_random_stream_alone():

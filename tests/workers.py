@@ -281,6 +281,11 @@ def deepspeed_checkpoint(rank: int, world: int, ds_dir: str, stage: int) -> dict
     and return the engine's full weights."""
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce (an inference kernel, about a
+    # minute of g++) when it starts; the checkpoint format under test does not depend on it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from ecdit_dist.config import load_config
     from ecdit_dist.model import ECDiT

@@ -19,6 +19,11 @@ therefore runs in one of these forms, each the same products and the same sums:
 
 A plan names the form of each role. `plan_for` picks it by timing the candidate forms on
 the real shapes at first use (cached per shape, dtype and device), or takes a forced form.
+`bmm` is kept unless another form is at least SWITCH_MARGIN faster: on a shared 2-core machine
+the same GEMM's timings spread by 5-15% from run to run, and picking by the bare minimum chose
+per-expert `mm` for the forward in one of three runs, which made the layer 1.22x the dense FFN
+instead of 1.09x with `bmm` (docs/PERFORMANCE.md). Where another form really wins it wins by far
+more (3.5x for a weight gradient on a 2-core Xeon with AVX-512).
 Given an `agree` reducer (distributed runs set one on their expert modules), the per-form
 timings are combined over all ranks before the choice, so every rank picks the same plan;
 plans agreed this way are cached apart from local ones. The measurement uses its own random
@@ -38,6 +43,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 FORMS = ("bmm", "bmm_contiguous", "mm_loop", "grouped")
 ROLES = ("fwd", "dgrad", "wgrad")
+SWITCH_MARGIN = 0.10      # another form replaces bmm only when it takes < (1 - margin) x bmm's time
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,16 @@ def measure(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.de
     return out
 
 
+def pick(seconds: dict[str, float]) -> str:
+    """The form of one role from its timings: the fastest if it beats bmm by SWITCH_MARGIN, else bmm
+    (the fastest outright where bmm was not timed or failed)."""
+    best = min(seconds, key=seconds.get)                    # the first form wins a tie
+    base = seconds.get("bmm", float("inf"))
+    if base == float("inf") or seconds[best] < (1 - SWITCH_MARGIN) * base:
+        return best
+    return "bmm"
+
+
 def plan_for(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.device,
              force: str = "auto", agree: Agreement | None = None) -> GemmPlan:
     """The plan for these shapes: `force` names one form for every role, 'auto' measures once.
@@ -213,7 +229,7 @@ def plan_for(E: int, T: int, d: int, f: int, dtype: torch.dtype, device: torch.d
         agreed = {role: {} for role in ROLES}
         for (role, form), t in zip(flat, vec.tolist()):
             agreed[role][form] = t
-        choice = {role: min(agreed[role], key=agreed[role].get) for role in ROLES}  # first form wins a tie
+        choice = {role: pick(agreed[role]) for role in ROLES}
         plan = _plans[key] = GemmPlan(**choice)
         _timings[key] = agreed
     return plan
