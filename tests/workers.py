@@ -621,7 +621,7 @@ def jobs(rank: int, world: int, todo: list[tuple[str, Any, tuple]], timeout: flo
             raise RuntimeError(f"job {name!r} ({fn.__name__}, {i + 1} of {len(todo)}) failed on rank {rank}: "
                                f"{type(e).__name__}: {e}") from e
         fresh.restore()
-        if store is not None:                          # every rank done before any starts the next job
+        if store is not None and i + 1 < len(todo):    # every rank done before any starts the next job
             store.set(f"done/{i}/{rank}", "1")
             store.wait([f"done/{i}/{r}" for r in range(world)], timedelta(seconds=timeout))
     return results
