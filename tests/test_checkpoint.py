@@ -19,7 +19,7 @@ from ecdit_dist.config import load_config
 from ecdit_dist.metrics import read_metrics
 from ecdit_dist.parallel.local import run_ranks
 from ecdit_dist.train import Trainer
-from workers import EQUIV, QUIET, TINY, crash_during_commit, deepspeed_checkpoint, train_layout
+from workers import EQUIV, QUIET, TINY, copy_run, crash_during_commit, deepspeed_checkpoint, jobs, train_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,20 +93,24 @@ def test_manifest_paths_cannot_escape(tmp_path):
 
 # ----------------------------------------------------------------------------- layouts
 def test_resume_under_other_layouts(tmp_path):
-    """Saved on dp_shard 2 x tp 2 x ep 2; resumed on 1 rank, dp4 x ep4 and tp2: same trajectory."""
+    """Saved on dp_shard 2 x tp 2 x ep 2; resumed on 1 rank, dp4 x ep4 and tp2: same trajectory.
+    The save, its copy and the dp4 x ep4 resume share one spawn of 4 ranks; 1 rank runs here."""
     common = [*EQUIV, "train.global_batch_size=16", "logging.interval=1"]
     ref = train(tmp_path / "ref", *common, steps=6)
     ref_losses = [r["loss"] for r in read_metrics(tmp_path / "ref")]
     saved = tmp_path / "saved"
-    run_ranks(train_layout, 4, tmp_path / "r0", str(saved), ["parallel.tp=2", "parallel.ep=2", *common], 3,
-              timeout=300)
+    run_ranks(jobs, 4, tmp_path / "r4", [
+        ("save tp2-ep2", train_layout, (str(saved), ["parallel.tp=2", "parallel.ep=2", *common], 3)),
+        ("copy", copy_run, (str(saved), str(tmp_path / "dp4-ep4"))),
+        ("resume dp4-ep4", train_layout, (str(tmp_path / "dp4-ep4"), ["parallel.ep=4", *common], 6))], timeout=600)
     assert CheckpointManager(saved).committed_steps() == [3]
-    for name, world, layout in (("one", 1, []), ("dp4-ep4", 4, ["parallel.ep=4"]), ("tp2", 2, ["parallel.tp=2"])):
-        run = tmp_path / name
-        shutil.copytree(saved, run)
-        run_ranks(train_layout, world, tmp_path / f"r-{name}", str(run), [*layout, *common], 6, timeout=300)
-        losses = [r["loss"] for r in read_metrics(run)]
-        assert len(losses) == 6
+    shutil.copytree(saved, tmp_path / "one")
+    train_layout(0, 1, str(tmp_path / "one"), common, 6)
+    shutil.copytree(saved, tmp_path / "tp2")
+    run_ranks(train_layout, 2, tmp_path / "r-tp2", str(tmp_path / "tp2"), ["parallel.tp=2", *common], 6, timeout=300)
+    for name in ("one", "dp4-ep4", "tp2"):
+        losses = [r["loss"] for r in read_metrics(tmp_path / name)]
+        assert len(losses) == 6, name
         assert losses == pytest.approx(ref_losses, rel=1e-5), name
     del ref
 

@@ -7,11 +7,75 @@ import torch
 from ecdit_dist.config import ConfigError
 from ecdit_dist.device import autocast_dtype, process_group_backend, select_device, to_device
 from ecdit_dist.parallel.local import run_ranks
-from gpu_workers import audit_collectives, audited_run, bf16_run, host_reads, init_weights
+from gpu_workers import (audit_collectives, audited_run, bf16_run, host_reads, init_weights, sample_at_end,
+                         sharded_samples)
+from workers import jobs, leave_state_behind, process_state
 
 # bf16 layouts against one bf16 process: loss of each of the first steps, relative. The TP row-parallel
 # projections add bf16 partial products across ranks (one extra bf16 rounding per sub-layer).
 BF16_LOSS_RTOL = 2e-2
+
+EP2, TP2, TP2_EP2 = ["parallel.ep=2"], ["parallel.tp=2"], ["parallel.tp=2", "parallel.ep=2"]
+RUN = "<run dir>"            # replaced by the job's own run directory
+# The spawned runs of this file, name: (world, worker, args). A spawn and its torch import cost more than
+# most of these runs: the jobs of one world size run one after the other in one spawn (workers.jobs,
+# which gives each job the state of a fresh rank), once per module, when a test first asks for them.
+JOBS = {
+    "state at start": (1, process_state, ()),
+    "leave state behind": (1, leave_state_behind, ()),
+    "state after it": (1, process_state, ()),
+    "bf16 1-rank": (1, bf16_run, ([], RUN, 3)),
+    "init reference": (1, init_weights, ([], RUN)),
+    "init 1-rank": (1, init_weights, ([], RUN)),
+    "sample 1-rank": (1, sample_at_end, ([], RUN)),
+    "audit ep2": (2, audited_run, (RUN,)),
+    "init ep2": (2, init_weights, (EP2, RUN)),
+    "sample ep2": (2, sample_at_end, (EP2, RUN)),
+    "host reads ep2": (2, host_reads, (EP2, RUN, 3)),
+    "sharded samples tp2": (2, sharded_samples, (TP2, RUN)),
+    "bf16 tp2-ep2": (4, bf16_run, (TP2_EP2, RUN, 3)),
+    "init tp2-ep2": (4, init_weights, (TP2_EP2, RUN)),
+    "sharded samples tp2-ep2": (4, sharded_samples, (TP2_EP2, RUN)),
+}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """job name -> (results of rank 0, 1, ..., its run directory); one spawn per world size."""
+    cache: dict[int, object] = {}
+
+    def get(name):
+        world = JOBS[name][0]
+        if world not in cache:
+            tmp = tmp_path_factory.mktemp(f"world{world}")
+            names = [n for n, (w, _, _) in JOBS.items() if w == world]
+            runs = {n: tmp / n.replace(" ", "-") for n in names}
+            todo = [(n, JOBS[n][1], tuple(str(runs[n]) if a == RUN else a for a in JOBS[n][2])) for n in names]
+            try:
+                ranks = run_ranks(jobs, world, tmp / "ranks", todo, timeout=240 + 180 * len(todo))
+                cache[world] = {n: ([r[i] for r in ranks], runs[n]) for i, n in enumerate(names)}
+            except AssertionError as e:      # one failure (the job is named), reported by each test of the spawn
+                cache[world] = AssertionError(f"the {world}-rank spawn of {names} failed: {e}")
+        if isinstance(cache[world], AssertionError):
+            raise cache[world]
+        return cache[world][name]
+
+    return get
+
+
+@pytest.mark.slow
+def test_jobs_of_one_spawn_start_as_in_a_fresh_rank(spawned):
+    """workers.jobs undoes what a job leaves behind: a process group, replaced functions, torch's
+    switches and random streams, environment, signal routing, expert GEMM plans, warnings filters."""
+    fresh, left, after = (spawned(name)[0][0] for name in ("state at start", "leave state behind", "state after it"))
+    assert after == fresh
+    assert not [key for key in fresh if left[key] == fresh[key]], "the job did not change every entry"
+
+
+def test_a_failing_job_is_named(monkeypatch):
+    monkeypatch.setenv("MASTER_PORT", "0")
+    with pytest.raises(RuntimeError, match=r"job 'bad args' \(process_state, 1 of 2\) failed on rank 0: TypeError"):
+        jobs(0, 1, [("bad args", process_state, ("extra",)), ("never run", process_state, ())])
 
 
 def test_backend_puts_gloo_beside_nccl_and_refuses_gloo_with_cuda():
@@ -67,32 +131,24 @@ def test_audit_rejects_a_cpu_tensor_when_the_device_is_not_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_collective_runs_on_the_training_device(tmp_path):
+def test_every_collective_runs_on_the_training_device(spawned):
     """Training, checkpointing and resuming (which votes on checkpoint validity across ranks) on 2
     ranks: every tensor given to a torch.distributed collective is on the training device."""
-    results = run_ranks(audited_run, 2, tmp_path / "ranks", str(tmp_path / "run"), timeout=420)
+    results, _ = spawned("audit ep2")
     for calls in results:
         names = {name for name, _ in calls}
         assert {"all_reduce", "all_to_all_single"} <= names, names    # the vote and the expert exchange ran
         assert all(set(types) <= {"cpu"} for _, types in calls)
 
 
-@pytest.fixture(scope="module")
-def bf16_reference(tmp_path_factory):
-    return run_ranks(bf16_run, 1, tmp_path_factory.mktemp("bf16ref"), [], str(tmp_path_factory.mktemp("r")), 3,
-                     timeout=420)[0]
-
-
 @pytest.mark.slow
-def test_bf16_fsdp_keeps_t_and_router_fp32_and_routes_like_one_process(bf16_reference, tmp_path):
+def test_bf16_fsdp_keeps_t_and_router_fp32_and_routes_like_one_process(spawned):
     """4 ranks tp2 x ep2 under FSDP2's bf16 policy: t reaches the timestep embedder in fp32, the
     router's weights, input and logits are fp32, every expert choice of the first forward equals
     the one-process bf16 run (dense FFN outputs start at zero in both, see bf16_run: bf16 tensor
     parallelism itself rounds the residual stream differently), and the losses stay within
     BF16_LOSS_RTOL of it."""
-    got = run_ranks(bf16_run, 4, tmp_path / "ranks", ["parallel.tp=2", "parallel.ep=2"], str(tmp_path / "run"), 3,
-                    timeout=600)[0]
-    ref = bf16_reference
+    got, ref = spawned("bf16 tp2-ep2")[0][0], spawned("bf16 1-rank")[0][0]
     assert got["t_dtype"] == ["torch.float32"]
     assert got["router"] == [("torch.float32", "torch.float32", "torch.float32")]
     assert got["router_param"] == ["torch.float32"]
@@ -103,19 +159,13 @@ def test_bf16_fsdp_keeps_t_and_router_fp32_and_routes_like_one_process(bf16_refe
     assert got["losses"] == pytest.approx(ref["losses"], rel=BF16_LOSS_RTOL)
 
 
-@pytest.fixture(scope="module")
-def full_init_reference(tmp_path_factory):
-    """One process, train.init=full."""
-    return run_ranks(init_weights, 1, tmp_path_factory.mktemp("initref"), [], str(tmp_path_factory.mktemp("r")),
-                     timeout=300)[0]["full"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("world,overrides", [(1, []), (2, ["parallel.ep=2"]), (4, ["parallel.tp=2", "parallel.ep=2"])],
-                         ids=["1-rank", "ep2", "tp2-ep2"])
-def test_meta_init_equals_full_init_bit_for_bit(world, overrides, full_init_reference, tmp_path):
-    ref = full_init_reference
-    got = run_ranks(init_weights, world, tmp_path / "ranks", overrides, str(tmp_path / "r2"), timeout=420)[0]
+@pytest.mark.parametrize("layout", ["1-rank", "ep2", "tp2-ep2"])
+def test_meta_init_equals_full_init_bit_for_bit(layout, spawned):
+    """Against one process with train.init=full (its own job, before this layout's)."""
+    ref = spawned("init reference")[0][0]["full"]
+    world = JOBS[f"init {layout}"][0]
+    got = spawned(f"init {layout}")[0][0]
     assert got["meta"].keys() == ref.keys()
     for name, want in ref.items():
         assert torch.equal(got["meta"][name], want), f"meta init of {name} on {world} ranks"
@@ -126,19 +176,16 @@ def test_meta_init_equals_full_init_bit_for_bit(world, overrides, full_init_refe
 
 
 @pytest.mark.slow
-def test_sampling_during_training_uses_the_sharded_model(tmp_path):
+def test_sampling_during_training_uses_the_sharded_model(spawned):
     """The end-of-run grid of 2 ranks (ep2: every rank samples through the sharded model, EMA
     swapped in) shows the images one process draws (1 level of 255 for float reduction order)."""
     import numpy as np
     from PIL import Image
 
-    from gpu_workers import sample_at_end
-
-    run_ranks(sample_at_end, 1, tmp_path / "r1", [], str(tmp_path / "one"), timeout=420)
-    run_ranks(sample_at_end, 2, tmp_path / "r2", ["parallel.ep=2"], str(tmp_path / "two"), timeout=420)
+    one, two = spawned("sample 1-rank")[1], spawned("sample ep2")[1]
     name = "samples/step-00000002.png"
-    a = np.asarray(Image.open(tmp_path / "one" / name), dtype=np.int16)
-    b = np.asarray(Image.open(tmp_path / "two" / name), dtype=np.int16)
+    a = np.asarray(Image.open(one / name), dtype=np.int16)
+    b = np.asarray(Image.open(two / name), dtype=np.int16)
     assert a.shape == b.shape and a.std() > 0
     assert np.abs(a - b).max() <= 1
 
@@ -157,33 +204,28 @@ def test_host_sync_counter_sees_what_would_wait_for_a_gpu():
     assert syncs.count == 6, syncs.ops
 
 
-@pytest.mark.parametrize("world,overrides", [(1, []), pytest.param(2, ["parallel.ep=2"], marks=pytest.mark.slow)],
-                         ids=["1-rank", "ep2"])
-def test_one_host_read_per_expert_choice_step(world, overrides, tmp_path):
+@pytest.mark.parametrize("layout", ["1-rank", pytest.param("ep2", marks=pytest.mark.slow)])
+def test_one_host_read_per_expert_choice_step(layout, tmp_path, spawned):
     """Every expert-choice training step (gradient clipping and EMA on, the logging step with its
     routing statistics included) reads the device once: the step report's tolist()."""
-    if world == 1:       # in this process: no start-up of a spawned rank
-        per_step = [host_reads(0, 1, overrides, str(tmp_path / "run"), 3)]
+    if layout == "1-rank":       # in this process: no start-up of a spawned rank
+        per_step = [host_reads(0, 1, [], str(tmp_path / "run"), 3)]
     else:
-        per_step = run_ranks(host_reads, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), 3,
-                             timeout=300)
+        per_step = spawned(f"host reads {layout}")[0]
     for rank, steps in enumerate(per_step):
         assert steps == [["tolist"]] * 3, f"rank {rank}: {steps}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,overrides", [(2, ["parallel.tp=2"]), (4, ["parallel.tp=2", "parallel.ep=2"])],
-                         ids=["tp2", "tp2-ep2"])
-def test_sampling_with_tensor_parallelism_uses_the_sharded_model(world, overrides, tmp_path):
+@pytest.mark.parametrize("layout", ["tp2", "tp2-ep2"])
+def test_sampling_with_tensor_parallelism_uses_the_sharded_model(layout, spawned):
     """Every rank samples through the tp-sharded model (no full copy anywhere): guided and unguided
     latents of an odd batch equal a one-process model's with the same weights and seed (float
     reduction order only), and so does the trainer's sample grid (1 level of 255)."""
     import numpy as np
     from PIL import Image
 
-    from gpu_workers import sharded_samples
-
-    got = run_ranks(sharded_samples, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), timeout=420)[0]
+    got = spawned(f"sharded samples {layout}")[0][0]
     for scale in (1.0, 4.0):
         a, b = got[f"sharded/{scale}"], got[f"one/{scale}"]
         assert a.shape == b.shape == (3, *a.shape[1:]) and b.std() > 0

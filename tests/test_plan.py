@@ -16,7 +16,7 @@ from ecdit_dist.planning.estimate import TP_SPLIT_PARTS, a2a_bytes, activations,
 from ecdit_dist.planning.shards import inventory, local_numels, local_shape
 from ecdit_dist.presets import PAPER_TABLE1
 from plan_workers import measure
-from workers import QUIET, TINY
+from workers import QUIET, TINY, jobs
 
 
 # name: (world, overrides); optimizer and EMA on, so their states are measured too
@@ -40,12 +40,40 @@ def counter_flops(cfg, dims, micro, checkpointing):
     return flops
 
 
+def measured_overrides(layout: str) -> list[str]:
+    return [*MEASURED[layout][1], "optim.ema_decay=0.99", "train.precision=fp32"]   # as the CPU run computes
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """layout -> the measurements of every rank. The layouts of one world size run one after the
+    other in one spawn (workers.jobs: each starts as in a fresh rank), once per module."""
+    cache: dict[int, object] = {}
+
+    def get(layout):
+        world = MEASURED[layout][0]
+        if world not in cache:
+            tmp = tmp_path_factory.mktemp(f"world{world}")
+            names = [n for n, (w, _) in MEASURED.items() if w == world]
+            todo = [(n, measure, (measured_overrides(n), str(tmp / n))) for n in names]
+            try:
+                ranks = run_ranks(jobs, world, tmp / "ranks", todo, timeout=240 + 180 * len(todo))
+                cache[world] = {n: [r[i] for r in ranks] for i, n in enumerate(names)}
+            except AssertionError as e:      # one failure (the job is named), reported by each layout of the spawn
+                cache[world] = AssertionError(f"the {world}-rank spawn of {names} failed: {e}")
+        if isinstance(cache[world], AssertionError):
+            raise cache[world]
+        return cache[world][layout]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(MEASURED))
-def test_plan_equals_measured_step(layout, tmp_path):
-    world, overrides = MEASURED[layout]
-    overrides = [*overrides, "optim.ema_decay=0.99", "train.precision=fp32"]   # as the CPU run computes
-    got = run_ranks(measure, world, tmp_path / "ranks", overrides, str(tmp_path / "run"), timeout=420)
+def test_plan_equals_measured_step(layout, measured):
+    world = MEASURED[layout][0]
+    overrides = measured_overrides(layout)
+    got = measured(layout)
 
     cfg = load_config(TINY, [*overrides, *QUIET])
     dims = ParallelDims.from_config(cfg, world)

@@ -468,3 +468,225 @@ def write_synthetic_model(folder, model: dict, moe: dict, seed: int) -> dict:
     write_safetensors(folder, infos, lambda n: torch.randn(infos[n].shape, generator=gen), 0)
     (Path(folder) / "config.json").write_text(json.dumps({"model": model, "moe": moe}))
     return infos
+
+
+# ------------------------------------------------------------------ several rank functions in one spawn
+class FreshState:
+    """What a rank function may change in its process and a freshly spawned rank starts from:
+    random streams, torch's global switches, environment, signal routing, warnings filters, and
+    the functions of torch.distributed, torch.Tensor and this package (a worker's monkeypatch).
+    `capture` in a fresh rank; `restore` after a job (and before the next one)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def capture(self) -> "FreshState":
+        import random
+        import signal
+        import warnings
+
+        import numpy as np
+
+        self.rng = (torch.get_rng_state(), torch.initial_seed(), random.getstate(), np.random.get_state())
+        self.switches = (torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads(),
+                         torch.are_deterministic_algorithms_enabled(), torch.get_float32_matmul_precision(),
+                         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}
+        self.environ = dict(os.environ)
+        self.signals = {name: signal.getsignal(getattr(signal, name)) for name in self.SIGNALS}
+        self.warnings = list(warnings.filters)
+        self.functions = self._functions()
+        return self
+
+    @staticmethod
+    def _owners():
+        """Modules and classes whose functions a worker may replace."""
+        import sys
+
+        names = [n for n in list(sys.modules) if n == "ecdit_dist" or n.startswith("ecdit_dist.")]
+        owners: list = [torch.distributed, torch.distributed.distributed_c10d, torch.Tensor]
+        for name in names:
+            mod = sys.modules[name]
+            if mod is None:
+                continue
+            owners.append(mod)
+            owners += [v for v in vars(mod).values() if isinstance(v, type) and v.__module__ == name]
+        return owners
+
+    def _functions(self) -> dict[tuple[int, str], tuple[Any, Any]]:
+        import warnings
+
+        out = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # looking at a deprecated object (dist.reduce_op) warns
+            for owner in self._owners():
+                for key, value in list(vars(owner).items()):
+                    if callable(value) or isinstance(value, (staticmethod, classmethod, property)):
+                        out[(id(owner), key)] = (owner, value)
+        return out
+
+    def restore(self) -> list[str]:
+        """Undo what a job changed; returns the replaced functions it left behind (put back)."""
+        import gc
+        import random
+        import signal
+        import warnings
+
+        import numpy as np
+
+        from ecdit_dist.checkpoint import safe_load
+        from ecdit_dist.data.pipeline import DataPipeline
+        from ecdit_dist.model import expert_gemm
+        from ecdit_dist.parallel import ac
+        from ecdit_dist.preemption import Preemption
+
+        dist = torch.distributed
+        if dist.is_initialized():                      # a job that left its process group
+            dist.destroy_process_group()
+        gc.collect()
+        for obj in gc.get_objects():                   # trainers a job dropped without close()
+            if isinstance(obj, Preemption) and obj._installed:
+                obj.uninstall()                        # signal routing and its wakeup fd
+            elif isinstance(obj, DataPipeline):
+                obj.close()                            # its prefetch threads
+        signal.set_wakeup_fd(-1)
+        for name, handler in self.signals.items():
+            if handler is not None:
+                signal.signal(getattr(signal, name), handler)
+        patched = []
+        for (_, key), (owner, value) in self.functions.items():
+            if vars(owner).get(key) is not value:
+                patched.append(f"{getattr(owner, '__name__', owner)}.{key}")
+                setattr(owner, key, value)
+        expert_gemm.clear_cache()                      # plans are chosen afresh, as in a new process
+        safe_load._checked.clear()
+        ac._state.stash = None
+        warnings.filters[:] = self.warnings
+        warnings._filters_mutated()
+        os.environ.clear()
+        os.environ.update(self.environ)
+        dtype, grad, threads, deterministic, precision, tf32_matmul, tf32_cudnn = self.switches
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_matmul, tf32_cudnn
+        for device, (enabled, cast) in self.autocast.items():
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, cast)
+        torch.clear_autocast_cache()
+        cpu, seed, py, npy = self.rng
+        torch.set_rng_state(cpu)
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.manual_seed_all(seed)               # a fresh process's CUDA streams start at this seed
+            torch.cuda.empty_cache()
+        random.setstate(py)
+        np.random.set_state(npy)
+        self.functions.update({k: v for k, v in self._functions().items() if k not in self.functions})
+        return patched
+
+
+def jobs(rank: int, world: int, todo: list[tuple[str, Any, tuple]], timeout: float = 1800) -> list[Any]:
+    """Several rank functions one after the other in the same ranks (a spawn and its torch import
+    on a 2-core runner cost more than most of the runs): job (name, fn, args) runs fn(rank, world,
+    *args); returns their results in order.
+
+    Each job starts as in a freshly spawned rank (FreshState): no default process group (a job
+    that leaves one has it destroyed), its own MASTER_PORT (a new rendezvous: the previous
+    store may still hold the old port), the fresh random streams, switches, environment and
+    signal routing, no expert GEMM plans, and every function a job replaced put back. The ranks
+    start a job together, after every rank finished the one before (files rank 0 wrote are
+    there). A job that raises stops the spawn with an error that names it."""
+    import importlib
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ecdit_dist.parallel.local import free_port
+
+    importlib.import_module("ecdit_dist.train")    # the modules workers patch are known before the first job
+    fresh = FreshState().capture()
+    store = None
+    if world > 1:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, rank == 0,
+                              timedelta(seconds=timeout))
+    results = []
+    for i, (name, fn, args) in enumerate(todo):
+        if store is not None:
+            if rank == 0:
+                store.set(f"port/{i}", str(free_port()))
+            port = store.get(f"port/{i}").decode()
+        else:
+            port = str(free_port())
+        os.environ["MASTER_PORT"] = port
+        try:
+            results.append(fn(rank, world, *args))
+        except BaseException as e:
+            raise RuntimeError(f"job {name!r} ({fn.__name__}, {i + 1} of {len(todo)}) failed on rank {rank}: "
+                               f"{type(e).__name__}: {e}") from e
+        fresh.restore()
+        if store is not None and i + 1 < len(todo):    # every rank done before any starts the next job
+            store.set(f"done/{i}/{rank}", "1")
+            store.wait([f"done/{i}/{r}" for r in range(world)], timedelta(seconds=timeout))
+    return results
+
+
+def process_state(rank: int, world: int) -> dict[str, Any]:
+    """What a job would inherit from the one before it (the test of `jobs`)."""
+    import random
+    import signal
+    import warnings
+
+    import numpy as np
+    import torch.distributed as dist
+
+    import ecdit_dist.model.moe as moe
+    from ecdit_dist.checkpoint.manager import CheckpointManager
+    from ecdit_dist.model import expert_gemm
+
+    fd = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd)
+    return {"process group": dist.is_initialized(), "dist.all_reduce": dist.all_reduce.__qualname__,
+            "moe.expert_choice": moe.expert_choice.__qualname__, "CheckpointManager._commit":
+            CheckpointManager._commit.__qualname__, "default dtype": str(torch.get_default_dtype()),
+            "grad": torch.is_grad_enabled(), "autocast": torch.is_autocast_enabled("cpu"),
+            "torch.rand": torch.rand(3).tolist(), "random": random.random(), "numpy": float(np.random.rand()),
+            "env": os.environ.get("ECDIT_LEFTOVER"), "SIGTERM": str(signal.getsignal(signal.SIGTERM)),
+            "wakeup fd": fd, "gemm plans": len(expert_gemm._plans), "warnings": [f[0] for f in warnings.filters]}
+
+
+def leave_state_behind(rank: int, world: int) -> dict[str, Any]:
+    """Change everything `process_state` looks at and leave it so; returns what it then sees."""
+    import random
+    import warnings
+
+    import numpy as np
+    import torch.distributed as dist
+
+    import ecdit_dist.model.moe as moe
+    from ecdit_dist.checkpoint.manager import CheckpointManager
+    from ecdit_dist.model import expert_gemm
+    from ecdit_dist.preemption import Preemption
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.all_reduce = lambda *a, **k: None
+    moe.expert_choice = lambda *a, **k: None
+    CheckpointManager._commit = lambda *a, **k: None
+    torch.set_default_dtype(torch.float64)
+    torch.set_grad_enabled(False)
+    torch.set_autocast_enabled("cpu", True)
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    os.environ["ECDIT_LEFTOVER"] = "1"
+    Preemption(torch.device("cpu"), False).install()
+    expert_gemm._plans[("leftover",)] = None
+    warnings.simplefilter("ignore")
+    return process_state(rank, world)
+
+
+def copy_run(rank: int, world: int, src: str, dst: str) -> None:
+    """Rank 0 copies a run directory (a job between a save and a resume elsewhere)."""
+    import shutil
+
+    if rank == 0:
+        shutil.copytree(src, dst)
