@@ -126,8 +126,9 @@ class MoEConfig:
     """Token choice: weight of the GShard load-balancing loss."""
     expert_gemm: Literal["auto", "bmm", "bmm_contiguous", "mm_loop", "grouped"] = "auto"
     """Expert choice: call form of the expert GEMMs (same products, same result). auto = time
-    the candidate forms on the real shapes at first use and keep the fastest per role (forward,
-    input gradient, weight gradient), the same on every rank; bmm = batched matmul on the
+    the candidate forms on the real shapes at first use and keep, per role (forward, input
+    gradient, weight gradient), bmm unless another form is at least 10% faster, the same on
+    every rank; bmm = batched matmul on the
     operands as they are; bmm_contiguous = batched matmul on contiguous copies of transposed
     operands; mm_loop = one mm per expert; grouped = torch._grouped_mm (CUDA sm90+, bf16)."""
 
