@@ -128,8 +128,7 @@ class MoEConfig:
     """Expert choice: call form of the expert GEMMs (same products, same result). auto = time
     the candidate forms on the real shapes at first use and keep, per role (forward, input
     gradient, weight gradient), bmm unless another form is at least 10% faster, the same on
-    every rank; bmm = batched matmul on the
-    operands as they are; bmm_contiguous = batched matmul on contiguous copies of transposed
+    every rank; bmm = batched matmul on the operands as they are; bmm_contiguous = batched matmul on contiguous copies of transposed
     operands; mm_loop = one mm per expert; grouped = torch._grouped_mm (CUDA sm90+, bf16)."""
 
     def __post_init__(self) -> None:
@@ -248,7 +247,7 @@ class TrainConfig:
     """Large freed host blocks: "reuse" keeps them in the process for the next step (no page faults
     and re-zeroing of activations and expert weight gradients every step; glibc), "release" returns
     them to the OS at free (the C library's default); auto = reuse on CPU ranks, release on CUDA.
-    docs/PERFORMANCE.md, "Expert-choice MoE layer"."""
+    docs/PERFORMANCE.md, "Host memory and the selector's margin"."""
 
     def __post_init__(self) -> None:
         _positive(self, "train", ("steps", "global_batch_size", "nonfinite_patience"))

@@ -105,9 +105,9 @@ def keep_host_memory(mode: str, device_type: str) -> str:
     large blocks from the heap and never trims it, so a freed block is reused by the next step
     without faults, the host-memory counterpart of PyTorch's CUDA caching allocator. The cost is
     memory: the heap keeps its peak resident, and glibc's heap packs aligned blocks less tightly
-    (an E=64 layer's forward and backward peaked 11-20% higher). "release" keeps the C library's
-    defaults. auto = reuse on CPU ranks,
-    release on CUDA ranks (their large tensors live in device memory).
+    (an E=64 layer's forward and backward: 0.72x the time, 1.38x the peak memory;
+    benchmarks/host_memory.py). "release" keeps the C library's defaults. auto = reuse on CPU
+    ranks, release on CUDA ranks (their large tensors live in device memory).
 
     Returns what is in effect: "reuse", "release", or "release (not glibc)" where the C library
     offers no mallopt. Process-wide and one-way: once "reuse" is set it stays for the process."""

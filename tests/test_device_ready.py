@@ -6,17 +6,15 @@ import torch
 
 from ecdit_dist.config import ConfigError
 from ecdit_dist.device import autocast_dtype, process_group_backend, select_device, to_device
-from ecdit_dist.parallel.local import run_ranks
 from gpu_workers import (audit_collectives, audited_run, bf16_run, host_reads, init_weights, sample_at_end,
                          sharded_samples)
-from workers import jobs, leave_state_behind, process_state
+from workers import RUN, jobs, jobs_per_world, leave_state_behind, process_state
 
 # bf16 layouts against one bf16 process: loss of each of the first steps, relative. The TP row-parallel
 # projections add bf16 partial products across ranks (one extra bf16 rounding per sub-layer).
 BF16_LOSS_RTOL = 2e-2
 
 EP2, TP2, TP2_EP2 = ["parallel.ep=2"], ["parallel.tp=2"], ["parallel.tp=2", "parallel.ep=2"]
-RUN = "<run dir>"            # replaced by the job's own run directory
 # The spawned runs of this file, name: (world, worker, args). A spawn and its torch import cost more than
 # most of these runs: the jobs of one world size run one after the other in one spawn (workers.jobs,
 # which gives each job the state of a fresh rank), once per module, when a test first asks for them.
@@ -42,25 +40,7 @@ JOBS = {
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """job name -> (results of rank 0, 1, ..., its run directory); one spawn per world size."""
-    cache: dict[int, object] = {}
-
-    def get(name):
-        world = JOBS[name][0]
-        if world not in cache:
-            tmp = tmp_path_factory.mktemp(f"world{world}")
-            names = [n for n, (w, _, _) in JOBS.items() if w == world]
-            runs = {n: tmp / n.replace(" ", "-") for n in names}
-            todo = [(n, JOBS[n][1], tuple(str(runs[n]) if a == RUN else a for a in JOBS[n][2])) for n in names]
-            try:
-                ranks = run_ranks(jobs, world, tmp / "ranks", todo, timeout=240 + 180 * len(todo))
-                cache[world] = {n: ([r[i] for r in ranks], runs[n]) for i, n in enumerate(names)}
-            except AssertionError as e:      # one failure (the job is named), reported by each test of the spawn
-                cache[world] = AssertionError(f"the {world}-rank spawn of {names} failed: {e}")
-        if isinstance(cache[world], AssertionError):
-            raise cache[world]
-        return cache[world][name]
-
-    return get
+    return jobs_per_world(tmp_path_factory, JOBS)
 
 
 @pytest.mark.slow

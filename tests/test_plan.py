@@ -10,13 +10,12 @@ import pytest
 
 from ecdit_dist.config import ConfigError, load_config
 from ecdit_dist.parallel.dims import ParallelDims
-from ecdit_dist.parallel.local import run_ranks
 from ecdit_dist.planning import Cluster, build_config, make_plan, search
 from ecdit_dist.planning.estimate import TP_SPLIT_PARTS, a2a_bytes, activations, forward_flops, step_flops
 from ecdit_dist.planning.shards import inventory, local_numels, local_shape
 from ecdit_dist.presets import PAPER_TABLE1
 from plan_workers import measure
-from workers import QUIET, TINY, jobs
+from workers import QUIET, RUN, TINY, jobs_per_world
 
 
 # name: (world, overrides); optimizer and EMA on, so their states are measured too
@@ -48,24 +47,9 @@ def measured_overrides(layout: str) -> list[str]:
 def measured(tmp_path_factory):
     """layout -> the measurements of every rank. The layouts of one world size run one after the
     other in one spawn (workers.jobs: each starts as in a fresh rank), once per module."""
-    cache: dict[int, object] = {}
-
-    def get(layout):
-        world = MEASURED[layout][0]
-        if world not in cache:
-            tmp = tmp_path_factory.mktemp(f"world{world}")
-            names = [n for n, (w, _) in MEASURED.items() if w == world]
-            todo = [(n, measure, (measured_overrides(n), str(tmp / n))) for n in names]
-            try:
-                ranks = run_ranks(jobs, world, tmp / "ranks", todo, timeout=240 + 180 * len(todo))
-                cache[world] = {n: [r[i] for r in ranks] for i, n in enumerate(names)}
-            except AssertionError as e:      # one failure (the job is named), reported by each layout of the spawn
-                cache[world] = AssertionError(f"the {world}-rank spawn of {names} failed: {e}")
-        if isinstance(cache[world], AssertionError):
-            raise cache[world]
-        return cache[world][layout]
-
-    return get
+    get = jobs_per_world(tmp_path_factory, {n: (w, measure, (measured_overrides(n), RUN))
+                                            for n, (w, _) in MEASURED.items()})
+    return lambda layout: get(layout)[0]
 
 
 @pytest.mark.slow

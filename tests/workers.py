@@ -690,3 +690,34 @@ def copy_run(rank: int, world: int, src: str, dst: str) -> None:
 
     if rank == 0:
         shutil.copytree(src, dst)
+
+
+RUN = "<run dir>"            # in a job table's args: replaced by the job's own run directory
+
+
+def jobs_per_world(tmp_path_factory, table: dict[str, tuple[int, Any, tuple]]):
+    """A module fixture's body: the jobs of `table` (name: (world, fn, args)) run in one spawn per
+    world size (`jobs`), when a test first asks for one of them. Returns get(name) -> (results of
+    rank 0, 1, ..., the job's run directory). A failed spawn fails each test that asks for one of
+    its jobs, with the error naming the job that failed."""
+    from ecdit_dist.parallel.local import run_ranks
+
+    cache: dict[int, Any] = {}
+
+    def get(name):
+        world = table[name][0]
+        if world not in cache:
+            tmp = tmp_path_factory.mktemp(f"world{world}")
+            names = [n for n, (w, _, _) in table.items() if w == world]
+            runs = {n: tmp / n.replace(" ", "-") for n in names}
+            todo = [(n, table[n][1], tuple(str(runs[n]) if a == RUN else a for a in table[n][2])) for n in names]
+            try:
+                ranks = run_ranks(jobs, world, tmp / "ranks", todo, timeout=240 + 180 * len(todo))
+                cache[world] = {n: ([r[i] for r in ranks], runs[n]) for i, n in enumerate(names)}
+            except AssertionError as e:
+                cache[world] = AssertionError(f"the {world}-rank spawn of {names} failed: {e}")
+        if isinstance(cache[world], AssertionError):
+            raise cache[world]
+        return cache[world][name]
+
+    return get
